@@ -1,0 +1,117 @@
+"""Collate: a training batch of rendered samples plus the documents their query tokens need.
+
+For each query token: one positive (drawn from its positives), hard negatives from the sample, random
+corpus negatives topped up to `negatives`; other queries' documents act as in-batch negatives. Each
+document is encoded once per batch. Samples and documents are padded separately, each to its own
+longest sequence (dynamic padding, never to max length).
+
+Documents carry a 63-bit key of their id so that, after gathering documents across ranks, a query
+still knows which documents are its positives (never to be used as negatives).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable
+
+import torch
+
+from .data import Corpus
+from .model import pad_right
+from .render import Rendered
+from .tokens import IGNORE_INDEX
+
+
+def doc_key(doc_id: str) -> int:
+    """A stable 63-bit integer key for a document id."""
+    return int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "little") >> 1
+
+
+class Collator:
+    """Builds training batches.
+
+    Args:
+        corpus: the documents.
+        encode_document: document text -> token ids (ends with `[RD]`); results are cached.
+        pad_id: the padding id.
+        negatives: negatives per query (hard from the sample first, then random from the corpus).
+        in_batch_negatives: let every document in the (gathered) batch be a candidate for every query.
+    """
+
+    def __init__(self, corpus: Corpus | None, encode_document: Callable[[str], list[int]], pad_id: int,
+                 negatives: int = 4, in_batch_negatives: bool = True):
+        self.corpus = corpus
+        self.encode_document = encode_document
+        self.pad_id = pad_id
+        self.negatives = negatives
+        self.in_batch_negatives = in_batch_negatives
+        self._doc_cache: dict[str, list[int]] = {}
+        self._corpus_ids = corpus.ids if corpus is not None else []
+
+    def _doc_ids(self, doc_id: str) -> list[int]:
+        if doc_id not in self._doc_cache:
+            self._doc_cache[doc_id] = self.encode_document(self.corpus[doc_id].text)  # type: ignore[index]
+        return self._doc_cache[doc_id]
+
+    def _negatives_for(self, positives: tuple[str, ...], hard: tuple[str, ...], rng: random.Random) -> list[str]:
+        hard = [d for d in dict.fromkeys(hard) if d not in positives]
+        chosen = rng.sample(hard, min(self.negatives, len(hard)))
+        exclude = set(positives) | set(chosen)
+        available = len(self._corpus_ids) - len(exclude)
+        tries = 0
+        while len(chosen) < self.negatives and available > 0 and tries < 20 * self.negatives:
+            d = self._corpus_ids[rng.randrange(len(self._corpus_ids))]
+            tries += 1
+            if d not in exclude:
+                chosen.append(d)
+                exclude.add(d)
+                available -= 1
+        return chosen
+
+    def __call__(self, samples: list[Rendered], rng: random.Random) -> dict[str, torch.Tensor]:
+        ids, mask = pad_right([s.input_ids for s in samples], self.pad_id)
+        lm_positions, lm_targets, query_positions = [], [], []
+        for row, s in enumerate(samples):
+            for t in range(1, len(s.lm_labels)):
+                if s.lm_labels[t] != IGNORE_INDEX:
+                    lm_positions.append((row, t - 1))
+                    lm_targets.append(s.lm_labels[t])
+            query_positions.extend((row, p) for p in s.ret_positions)
+        docs: dict[str, int] = {}
+        targets, pos_keys, cand_keys = [], [], []
+        for s in samples:
+            for r in s.retrievals:
+                positive = r.positives[rng.randrange(len(r.positives))]
+                negs = self._negatives_for(r.positives, r.negatives, rng)
+                for d in (positive, *negs):
+                    docs.setdefault(d, len(docs))
+                targets.append(docs[positive])
+                pos_keys.append([doc_key(d) for d in r.positives])
+                cand_keys.append([doc_key(d) for d in (positive, *negs)])
+        batch = {
+            "input_ids": ids, "attention_mask": mask,
+            "lm_positions": torch.tensor(lm_positions, dtype=torch.long).reshape(-1, 2),
+            "lm_targets": torch.tensor(lm_targets, dtype=torch.long),
+            "query_positions": torch.tensor(query_positions, dtype=torch.long).reshape(-1, 2),
+            "query_targets": torch.tensor(targets, dtype=torch.long),
+            "query_pos_keys": _pad_keys(pos_keys),
+            "query_cand_keys": _pad_keys(cand_keys),
+            "doc_keys": torch.tensor([doc_key(d) for d in docs], dtype=torch.long),
+        }
+        if docs:
+            batch["doc_input_ids"], batch["doc_attention_mask"] = pad_right(
+                [self._doc_ids(d) for d in docs], self.pad_id)
+        else:
+            batch["doc_input_ids"] = torch.zeros((0, 1), dtype=torch.long)
+            batch["doc_attention_mask"] = torch.zeros((0, 1), dtype=torch.long)
+        batch["in_batch_negatives"] = torch.tensor(self.in_batch_negatives)
+        return batch
+
+
+def _pad_keys(rows: list[list[int]]) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=1)
+    out = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out

@@ -1,0 +1,107 @@
+"""What each CLI verb does, as functions of parsed arguments (the CLI only parses and dispatches)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import OneGenError
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from .config import TrainConfig
+    from .train import train
+
+    if args.workflow:
+        from .compat import config_from_workflow
+
+        config = config_from_workflow(args.workflow, extra)
+    else:
+        config = TrainConfig.from_yaml(args.config, extra)
+    run_dir = train(config, progress=not args.no_progress)
+    print(f"run directory: {run_dir}  (model: {run_dir / 'model'})")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
+    if args.data_cmd == "synth":
+        from .synth import synth
+
+        info = synth(args.task, args.out, seed=args.seed, size=args.size)
+        counts = info.get("counts", {})
+        print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        return 0
+    if args.data_cmd == "show":
+        return _data_show(args)
+    from .convert import convert
+
+    info = convert(args.source, args.input, args.out)
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+    return 0
+
+
+def _data_show(args: argparse.Namespace) -> int:
+    from .config import TrainConfig
+    from .data import read_corpus, read_el_items, read_samples
+    from .model import OneGenModel
+    from .render import show
+    from .tasks import el_to_sample
+
+    config = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
+    tokens = config.tokens
+    if args.model:
+        model = OneGenModel.from_pretrained(args.model)
+        tokenizer, renderer = model.tokenizer, model.renderer
+    else:
+        from .render import Renderer
+        from .tokens import add_special_tokens
+        from .tokenizer import load_tokenizer, train_bpe
+
+        name = config.tokenizer.name_or_path or config.model.name_or_path
+        if name:
+            tokenizer = load_tokenizer(name)
+        else:  # no tokenizer given: a small BPE trained on the file itself, so roles can be shown
+            text = Path(args.file).read_text(encoding="utf-8", errors="replace")
+            tokenizer = train_bpe([text], vocab_size=2000, special_tokens=tokens.strings())
+        add_special_tokens(tokenizer, tokens)
+        renderer = Renderer(tokenizer, tokens, config.data.max_length, "shorten")
+    corpus = read_corpus(config.data.corpus) if config.data.corpus else None
+    first = _first_object(args.file)
+    if "entities" in first and "text" in first and "messages" not in first:
+        samples = [el_to_sample(i, tokens) for i in read_el_items(args.file, corpus)]
+    else:
+        samples = read_samples(args.file, tokens.query, corpus)
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    if color:
+        from rich.console import Console
+
+        console = Console()
+    for s in samples[: args.n]:
+        r = renderer.render(s)
+        if r is None:
+            print(f"# {s.id}: dropped by truncation")
+            continue
+        header = f"# {s.id} ({len(r)} tokens, {len(r.ret_positions)} retrieval) — «ROLE|text»: GEN trained, CTX context, RET retrieval vector"
+        if color:
+            console.print(header, markup=False)
+            console.print(show(r, tokenizer, color=True))
+        else:
+            print(header)
+            print(show(r, tokenizer))
+    return 0
+
+
+def _first_object(path: str) -> dict:
+    from .io import iter_jsonl
+
+    for _, obj in iter_jsonl(path):
+        return obj
+    raise OneGenError("file is empty (expected at least one JSON object)", file=path)
+
+
+def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    from .evaluate import evaluate_files, render_metrics_json
+
+    print(render_metrics_json(evaluate_files(args.task, args.gold, args.pred, k=args.k)))
+    return 0

@@ -1,0 +1,324 @@
+"""Typed training configuration: the only schema for YAML files, CLI overrides and saved runs.
+
+`TrainConfig.from_yaml(path)` reads a YAML file, `apply_overrides` takes `--section.key value` pairs,
+`to_dict`/`save` write the resolved config back. Unknown keys and bad values raise `OneGenError`
+saying which key and how to fix it. This module imports nothing else of onegen but errors/io.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_origin, get_type_hints
+
+import yaml
+
+from .errors import OneGenError
+from .io import write_text_atomic
+
+
+@dataclass
+class ScratchConfig:
+    """A new model built from an architecture name (no pretrained weights)."""
+
+    architecture: str = "llama"  # any model_type transformers knows
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int | None = None  # default: 4 x hidden (2.75 x for gated MLPs is not guessed)
+    max_position_embeddings: int = 2048
+    extra: dict[str, Any] = field(default_factory=dict)  # passed to the HF config as is
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = None  # a pretrained causal LM: local dir or hub id
+    scratch: ScratchConfig | None = None  # or a new one from an architecture
+    trust_remote_code: bool = False  # never on unless asked for explicitly
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TokenizerTrainConfig:
+    vocab_size: int = 4000
+    min_frequency: int = 2
+
+
+@dataclass
+class TokenizerConfig:
+    name_or_path: str | None = None  # default: the model's
+    train: TokenizerTrainConfig | None = None  # train a BPE tokenizer on the training data + corpus
+
+
+@dataclass
+class TokensConfig:
+    """The special token strings and the descriptions their embeddings start from."""
+
+    query: str = "[RQ]"
+    doc: str = "[RD]"
+    open: str = "<paragraph>"
+    close: str = "</paragraph>"
+    descriptions: dict[str, str] = field(default_factory=lambda: {
+        "query": "retrieve a relevant document for the question",
+        "doc": "summary of this document",
+        "open": "start of a retrieved paragraph",
+        "close": "end of a retrieved paragraph",
+    })
+    extra: dict[str, str] = field(default_factory=dict)  # extra generation tokens: token -> description
+
+    def strings(self) -> list[str]:
+        return [self.query, self.doc, self.open, self.close, *self.extra]
+
+    def description_of(self, token: str) -> str:
+        for key in ("query", "doc", "open", "close"):
+            if getattr(self, key) == token:
+                return self.descriptions.get(key, key)
+        return self.extra.get(token, token)
+
+    def __post_init__(self) -> None:
+        strings = self.strings()
+        if any(not s or not s.strip() for s in strings):
+            raise OneGenError("special token strings must be non-empty", field="tokens")
+        if len(set(strings)) != len(strings):
+            raise OneGenError(f"special token strings must all differ, got {strings}", field="tokens")
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None  # required: training samples (JSONL)
+    corpus: str | None = None  # required when samples have retrievals
+    eval: str | None = None  # optional held-out evaluation items (QA/EL format)
+    format: str = "native"  # native | onegen-original
+    task: str = "qa"  # qa | el
+    max_length: int = 1024
+    on_truncation: str = "shorten"  # shorten (drop cut retrievals) | drop (the sample) | error
+    doc_max_length: int = 256
+
+    def __post_init__(self) -> None:
+        _choice("data.format", self.format, ("native", "onegen-original"))
+        _choice("data.task", self.task, ("qa", "el"))
+        _choice("data.on_truncation", self.on_truncation, ("shorten", "drop", "error"))
+        if self.max_length < 8:
+            raise OneGenError("must be at least 8", field="data.max_length")
+
+
+@dataclass
+class LossConfig:
+    type: str = "infonce"  # infonce | bpr
+    temperature: float = 0.02
+    lm_weight: float = 1.0
+    retrieval_weight: float = 1.0
+    negatives: int = 4  # per query: hard negatives from the sample, topped up at random
+    in_batch_negatives: bool = True  # other queries' positives count as negatives
+    gather_across_ranks: bool = True  # all-gather document vectors (with gradients) under DDP
+
+    def __post_init__(self) -> None:
+        _choice("loss.type", self.type, ("infonce", "bpr"))
+        if self.temperature <= 0:
+            raise OneGenError("must be > 0", field="loss.temperature")
+        if self.negatives < 0:
+            raise OneGenError("must be >= 0", field="loss.negatives")
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: Any = "all-linear"  # a list of module names, or "all-linear"
+
+
+@dataclass
+class TrainSection:
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    batch_size: int = 8  # samples per optimizer step per process (before accumulation split)
+    grad_accum: int = 1  # micro-batches per optimizer step (batch_size / grad_accum each)
+    lr: float = 2.0e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    schedule: str = "cosine"  # cosine | linear | constant
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | bf16 | fp16 | no
+    lora: LoraConfig | None = None
+    save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    resume: bool = True  # continue from the last complete checkpoint in output_dir
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _choice("train.schedule", self.schedule, ("cosine", "linear", "constant"))
+        _choice("train.precision", self.precision, ("auto", "bf16", "fp16", "no"))
+        if self.batch_size < 1:
+            raise OneGenError("must be >= 1", field="train.batch_size")
+        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise OneGenError(f"must divide train.batch_size ({self.batch_size})", field="train.grad_accum")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; written resolved into the run directory as config.yaml."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    output_dir: str | None = None  # required: the run directory
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str | None = None) -> TrainConfig:
+        try:
+            return _build(cls, data, prefix="", source=source)
+        except OneGenError as e:
+            if source and e.file is None:
+                e = OneGenError(e.message, file=source, field=e.field)
+            raise e from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+        """Read a YAML config; relative data/model paths are resolved against the file's folder."""
+        path = Path(path)
+        if not path.is_file():
+            raise OneGenError("config file not found", file=str(path))
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            raise OneGenError(f"malformed YAML: {getattr(e, 'problem', e)}", file=str(path),
+                              line=None if line is None else line + 1) from None
+        if not isinstance(data, dict):
+            raise OneGenError("expected a mapping of sections at the top level", file=str(path))
+        if overrides:
+            data = apply_overrides(data, overrides)
+        data = _resolve_paths(data, path.parent)
+        return cls.from_dict(data, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        write_text_atomic(path, self.to_yaml())
+
+    def validate_for_training(self) -> None:
+        """Check the keys a training run needs (not needed to merely build a config)."""
+        if not self.output_dir:
+            raise OneGenError("required: set output_dir (the run directory)", field="output_dir")
+        if not self.data.train:
+            raise OneGenError("required: the training samples (JSONL)", field="data.train")
+        if not self.model.name_or_path and self.model.scratch is None:
+            raise OneGenError("set model.name_or_path (a pretrained causal LM) or model.scratch "
+                              "(an architecture to build)", field="model")
+        if self.model.scratch is not None and not self.tokenizer.name_or_path and self.tokenizer.train is None:
+            raise OneGenError("a scratch model needs tokenizer.name_or_path or tokenizer.train",
+                              field="tokenizer")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `["--a.b", "value", ...]` or `["a.b=value"]` overrides; values are parsed as YAML."""
+    data = dict(data)
+    items: list[tuple[str, str]] = []
+    i = 0
+    while i < len(overrides):
+        tok = overrides[i]
+        key = tok[2:] if tok.startswith("--") else tok
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(overrides):
+            value = overrides[i + 1]
+            i += 2
+        else:
+            raise OneGenError(f"override '{tok}' has no value (use --section.key VALUE)")
+        items.append((key, value))
+    for key, value in items:
+        parts = key.split(".")
+        node = data
+        for p in parts[:-1]:
+            child = node.get(p)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[p] = child
+            node = child
+        node[parts[-1]] = yaml.safe_load(value)
+    return data
+
+
+_PATH_KEYS = (("data", "train"), ("data", "corpus"), ("data", "eval"), ("model", "name_or_path"),
+              ("tokenizer", "name_or_path"), ("output_dir",))
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make relative file paths relative to the config file, when that file exists there."""
+    for keys in _PATH_KEYS:
+        node = data
+        for k in keys[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or not isinstance(node.get(keys[-1]), str):
+            continue
+        value = Path(node[keys[-1]])
+        if not value.is_absolute() and (keys[-1] == "output_dir" or (base / value).exists()) \
+                and not value.exists():
+            node[keys[-1]] = str(base / value)
+    return data
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise OneGenError(f"'{value}' is not one of {', '.join(allowed)}", field=key)
+
+
+def _build(cls: type, data: Any, prefix: str, source: str | None) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise OneGenError(f"expected a mapping, got {type(data).__name__}", field=prefix.rstrip(".") or None)
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise OneGenError(f"unknown key '{prefix}{unknown[0]}'; known keys here: {', '.join(sorted(names))}",
+                          field=f"{prefix}{unknown[0]}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}", source)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str, source: str | None) -> Any:
+    args = getattr(hint, "__args__", ())
+    nested = [a for a in args if dataclasses.is_dataclass(a)] or ([hint] if dataclasses.is_dataclass(hint) else [])
+    if nested:
+        if value is None:
+            return None
+        return _build(nested[0], value, f"{key}.", source)
+    if value is None:
+        return None
+    if get_origin(hint) is dict:
+        if not isinstance(value, dict):
+            raise OneGenError(f"expected a mapping, got {value!r}", field=key)
+        return value
+    base = [a for a in args if a is not type(None)] if args else [hint]
+    if int in base and float not in base and not isinstance(value, bool):
+        if isinstance(value, int):
+            return value
+        raise OneGenError(f"expected an integer, got {value!r}", field=key)
+    if float in base:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise OneGenError(f"expected a number, got {value!r}", field=key)
+    if bool in base:
+        if isinstance(value, bool):
+            return value
+        raise OneGenError(f"expected true or false, got {value!r}", field=key)
+    if str in base and not isinstance(value, str):
+        raise OneGenError(f"expected a string, got {value!r}", field=key)
+    return value

@@ -1,0 +1,99 @@
+"""File input/output: JSONL reading with file:line errors, and atomic writes.
+
+Every write goes to a temporary file in the target's directory and is renamed over the target, so an
+interrupted write leaves the previous file (or none) and never half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import OneGenError
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield `(line_number, object)` for each non-blank line of a JSONL file.
+
+    Accepts a UTF-8 BOM and CRLF line ends. Raises `OneGenError` naming file:line for a missing
+    file, bad UTF-8, malformed JSON, or a line that is not a JSON object.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise OneGenError("file not found (expected a JSONL file: one JSON object per line)", file=str(path))
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise OneGenError(f"not valid UTF-8 ({e.reason} at byte {e.start})", file=str(path),
+                                  line=lineno) from None
+            text = text.strip()
+            if not text:
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise OneGenError(f"malformed JSON ({e.msg} at column {e.colno}); each line must be one "
+                                  "complete JSON object", file=str(path), line=lineno) from None
+            if not isinstance(obj, dict):
+                raise OneGenError(f"expected a JSON object, got {type(obj).__name__}", file=str(path),
+                                  line=lineno)
+            yield lineno, obj
+
+
+def read_jsonl(path: str | os.PathLike, *, allow_empty: bool = False) -> list[tuple[int, dict[str, Any]]]:
+    """Read a whole JSONL file as `(line_number, object)` pairs; an empty file is an error by default."""
+    rows = list(iter_jsonl(path))
+    if not rows and not allow_empty:
+        raise OneGenError("file is empty (expected at least one JSON object)", file=str(path))
+    return rows
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Give a temporary path next to `path`; on success rename it over `path`, on error remove it.
+
+    Works for a file or a directory written at the temporary path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)) / "x"
+    try:
+        yield tmp
+        if path.is_dir() and tmp.is_dir():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write a JSON file atomically (pretty-printed)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None:
+    """Write a JSONL file atomically."""
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -1,0 +1,460 @@
+"""OneGenModel: wraps any HF causal LM so it both generates and embeds (one model, one pass).
+
+It holds the HF model (composition, never a subclass), its tokenizer and the special tokens. The
+forward runs the decoder body once per sequence batch and returns hidden states at retrieval (RET)
+positions and LM logits only at supervised (GEN) positions: the vocabulary projection is never
+computed for every position. The body and the head are found once at load time by checking them
+against the HF model's own forward (no list of architectures), with a full-forward fallback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import LoraConfig, ModelConfig, TokenizerConfig, TokensConfig
+from .errors import OneGenError
+from .io import atomic_path
+from .render import Renderer
+from .tokens import add_special_tokens, init_new_embeddings, token_ids
+
+log = logging.getLogger(__name__)
+
+ONEGEN_JSON = "onegen.json"
+FORMAT_VERSION = 1
+
+
+class OneGenModel(nn.Module):
+    """A causal LM that generates text and gives retrieval vectors at `[RQ]` / `[RD]` tokens.
+
+    Args:
+        lm: a HF `AutoModelForCausalLM` (or a peft model wrapping one).
+        tokenizer: its tokenizer, with the special tokens added.
+        tokens: the special token strings.
+        max_length: longest training sample; doc_max_length: longest document in tokens.
+        base_model: where the base weights came from (recorded for LoRA adapters).
+    """
+
+    def __init__(self, lm: nn.Module, tokenizer, tokens: TokensConfig, max_length: int = 1024,
+                 doc_max_length: int = 256, base_model: str | None = None):
+        super().__init__()
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.tokens = tokens
+        self.ids = token_ids(tokenizer, tokens)
+        self.renderer = Renderer(tokenizer, tokens, max_length=max_length, doc_max_length=doc_max_length)
+        self.base_model = base_model
+        self._set_parts()
+
+    def _set_parts(self) -> None:
+        # Plain attributes, not submodules: they are parts of `self.lm` already.
+        body, head, fn = _find_body_and_head(self.hf_model)
+        object.__setattr__(self, "_body", body)
+        object.__setattr__(self, "_head", head)
+        object.__setattr__(self, "_logit_fn", fn)
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_dir: str | Path, tokens: TokensConfig | None = None, *,
+                        dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
+                        tokenizer: str | None = None, lora: LoraConfig | None = None,
+                        trust_remote_code: bool = False, max_length: int = 1024,
+                        doc_max_length: int = 256) -> OneGenModel:
+        """Load a OneGen model directory, or turn any HF causal LM checkpoint into a ready OneGen model.
+
+        Special tokens are added and initialised when missing; an encoder checkpoint whose config has
+        an `is_decoder` flag is loaded as a causal decoder. `lora` wraps the model in new LoRA adapters.
+        """
+        from .tokenizer import load_tokenizer
+
+        path = str(path_or_dir)
+        meta = _read_meta(path)
+        if meta is not None:
+            tokens = TokensConfig(**meta["tokens"])
+            max_length = meta.get("max_length", max_length)
+            doc_max_length = meta.get("doc_max_length", doc_max_length)
+        tokens = tokens or TokensConfig()
+        tok = load_tokenizer(tokenizer or path, trust_remote_code)
+        new_tokens = add_special_tokens(tok, tokens)
+        if meta is not None and meta.get("lora"):
+            return cls._load_lora(path, meta, tok, tokens, dtype, device, trust_remote_code, max_length,
+                                  doc_max_length)
+        lm = _load_causal_lm(path, dtype, trust_remote_code)
+        init_new_embeddings(lm, tok, new_tokens, tokens)
+        if device is not None:
+            lm.to(device)
+        model = cls(lm, tok, tokens, max_length, doc_max_length, base_model=path)
+        if lora is not None:
+            model.add_lora(lora)
+        return model
+
+    @classmethod
+    def _load_lora(cls, path, meta, tok, tokens, dtype, device, trust_remote_code, max_length, doc_max_length):
+        from peft import PeftModel
+
+        base = meta["base_model"]
+        lm = _load_causal_lm(base, dtype, trust_remote_code)
+        base_tok_len = lm.get_input_embeddings().weight.shape[0]
+        if base_tok_len < len(tok):
+            lm.resize_token_embeddings(len(tok), mean_resizing=False)
+        lm = PeftModel.from_pretrained(lm, path, is_trainable=False)
+        if device is not None:
+            lm.to(device)
+        return cls(lm, tok, tokens, max_length, doc_max_length, base_model=base)
+
+    @classmethod
+    def from_config(cls, model_cfg: ModelConfig, tokenizer_cfg: TokenizerConfig, tokens: TokensConfig,
+                    texts: list[str] | None = None, max_length: int = 1024, doc_max_length: int = 256
+                    ) -> OneGenModel:
+        """Build the model a training config asks for: pretrained from a path, or new from `scratch`."""
+        if model_cfg.name_or_path:
+            return cls.from_pretrained(model_cfg.name_or_path, tokens, tokenizer=tokenizer_cfg.name_or_path,
+                                       trust_remote_code=model_cfg.trust_remote_code, max_length=max_length,
+                                       doc_max_length=doc_max_length)
+        from .tokenizer import load_tokenizer, train_bpe
+
+        if tokenizer_cfg.train is not None:
+            if not texts:
+                raise OneGenError("tokenizer.train needs training text", field="tokenizer.train")
+            tok = train_bpe(texts, tokenizer_cfg.train.vocab_size, tokenizer_cfg.train.min_frequency,
+                            special_tokens=tokens.strings())
+        else:
+            tok = load_tokenizer(tokenizer_cfg.name_or_path, model_cfg.trust_remote_code)
+        new_tokens = add_special_tokens(tok, tokens)
+        lm = build_scratch_lm(model_cfg, tok)
+        init_new_embeddings(lm, tok, new_tokens, tokens)
+        return cls(lm, tok, tokens, max_length, doc_max_length, base_model=None)
+
+    def add_lora(self, lora: LoraConfig) -> None:
+        """Wrap the LM in LoRA adapters; the special-token rows stay trainable (peft trainable tokens)."""
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        new_ids = sorted({self.ids.query, self.ids.doc, self.ids.open, self.ids.close, *self.ids.extra})
+        cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=lora.target_modules, trainable_token_indices=new_ids,
+                             task_type="CAUSAL_LM")
+        self.lm = get_peft_model(self.lm, cfg)
+        self._set_parts()
+
+    @property
+    def is_lora(self) -> bool:
+        return hasattr(self.lm, "peft_config")
+
+    @property
+    def hf_model(self) -> nn.Module:
+        """The HF causal LM (inside the peft wrapper when there is one)."""
+        return self.lm.get_base_model() if self.is_lora else self.lm
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hf_model.get_input_embeddings().weight.dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return self.hf_model.get_input_embeddings().weight.shape[1]
+
+    # -- saving ---------------------------------------------------------------------------------
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write HF weights (or the LoRA adapter) + tokenizer + onegen.json, atomically."""
+        out_dir = Path(out_dir)
+        with atomic_path(out_dir) as tmp:
+            tmp.mkdir(parents=True)
+            self.lm.save_pretrained(str(tmp))
+            self.tokenizer.save_pretrained(str(tmp))
+            meta = {"format_version": FORMAT_VERSION, "tokens": _tokens_dict(self.tokens),
+                    "token_ids": {"query": self.ids.query, "doc": self.ids.doc, "open": self.ids.open,
+                                  "close": self.ids.close, "eos": self.ids.eos},
+                    "roles": {"query": "GEN+RET", "doc": "RET", "open": "CTX", "close": "CTX"},
+                    "max_length": self.renderer.max_length, "doc_max_length": self.renderer.doc_max_length,
+                    "lora": self.is_lora, "base_model": self.base_model, "fingerprint": self.fingerprint()}
+            (tmp / ONEGEN_JSON).write_text(json.dumps(meta, indent=2))
+        return out_dir
+
+    @torch.no_grad()
+    def fingerprint(self) -> str:
+        """A short hash of the config, the special tokens and a strided sample of every weight."""
+        h = hashlib.sha256()
+        h.update(json.dumps(_tokens_dict(self.tokens), sort_keys=True).encode())
+        h.update(str(len(self.tokenizer)).encode())
+        for name, p in sorted(self.lm.state_dict().items()):
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // 256)
+            sample = flat[::step][:256].to(torch.bfloat16).float().cpu()
+            h.update(name.replace("base_model.model.", "").encode())
+            h.update(sample.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    # -- forward --------------------------------------------------------------------------------
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+            position_ids: torch.Tensor | None = None, past_key_values: Any = None, use_cache: bool = False,
+            logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        """One forward of the decoder: hidden states (B, T, D) after the final norm, LM logits (N, V) at
+        `logits_at` (N, 2) = (row, position) pairs only, and the KV cache when `use_cache`."""
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": use_cache}
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        if past_key_values is not None:
+            kwargs["past_key_values"] = past_key_values
+        if self._body is not None or not isinstance(self._head, _FullHead):
+            if self._body is not None:
+                out = self._body(**kwargs)
+                hidden = out.last_hidden_state
+            else:
+                out = self.hf_model(**kwargs, output_hidden_states=True)
+                hidden = out.hidden_states[-1]
+            logits = None if logits_at is None else self.logits(hidden[logits_at[:, 0], logits_at[:, 1]])
+            return hidden, logits, _cache_of(out)
+        out = self.hf_model(**kwargs, output_hidden_states=True)  # fallback: logits everywhere
+        logits = None if logits_at is None else out.logits[logits_at[:, 0], logits_at[:, 1]]
+        return out.hidden_states[-1], logits, _cache_of(out)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        """Last-layer hidden states (B, T, D) and the KV cache (see `run`)."""
+        hidden, _, cache = self.run(input_ids, attention_mask, **kwargs)
+        return hidden, cache
+
+    @property
+    def head_isolated(self) -> bool:
+        """Whether logits can be computed from hidden states alone (no full-forward fallback)."""
+        return not isinstance(self._head, _FullHead)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM logits (..., V) for the given hidden states only."""
+        return self._logit_fn(self._head(hidden))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Training forward over a collated batch (see `collate`): samples and documents separately.
+
+        Returns `lm_targets` (N,) with `gen_hidden` (N, D) at the positions that predict them (or
+        `gen_logits` (N, V) when the head could not be isolated), `query_vecs` (Q, D) at the query
+        tokens and `doc_vecs` (M, D) at the documents' `[RD]` tokens.
+        """
+        out: dict[str, torch.Tensor] = {"lm_targets": batch["lm_targets"]}
+        lm_pos = batch["lm_positions"]  # (N, 2): (row, position predicting the target)
+        if self.head_isolated:
+            hidden, _, _ = self.run(batch["input_ids"], batch["attention_mask"])  # (B, T, D)
+            out["gen_hidden"] = hidden[lm_pos[:, 0], lm_pos[:, 1]]
+        else:
+            hidden, out["gen_logits"], _ = self.run(batch["input_ids"], batch["attention_mask"], logits_at=lm_pos)
+        q_pos = batch["query_positions"]  # (Q, 2)
+        out["query_vecs"] = hidden[q_pos[:, 0], q_pos[:, 1]]
+        if batch.get("doc_input_ids") is not None and batch["doc_input_ids"].numel():
+            doc_hidden, _ = self.hidden_states(batch["doc_input_ids"], batch["doc_attention_mask"])
+            last = batch["doc_attention_mask"].sum(1) - 1  # right padding: [RD] is the last real token
+            out["doc_vecs"] = doc_hidden[torch.arange(doc_hidden.shape[0], device=last.device), last]
+        else:
+            out["doc_vecs"] = hidden.new_zeros((0, hidden.shape[-1]))
+        return out
+
+    # -- embedding ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed_documents(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+        """Retrieval vectors (N, D), float32 on CPU: the hidden state at each document's `[RD]` token."""
+        return self._embed([self.renderer.encode_document(t) for t in texts], batch_size, progress, "documents")
+
+    @torch.no_grad()
+    def embed_queries(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+        """Retrieval vectors (N, D): the hidden state at `[RQ]` when the answer to `text` starts with it."""
+        from .data import Message
+
+        seqs = [self.renderer.encode_prompt([Message("user", t)]) + [self.ids.query] for t in texts]
+        return self._embed(seqs, batch_size, progress, "queries")
+
+    def _embed(self, seqs: list[list[int]], batch_size: int, progress: bool, what: str) -> torch.Tensor:
+        from tqdm.auto import tqdm
+
+        was_training = self.training
+        self.eval()
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # length-sorted: little padding
+        vecs = torch.empty((len(seqs), self.hidden_size), dtype=torch.float32)
+        bar = tqdm(total=len(seqs), desc=f"embedding {what}", disable=not progress, unit="seq")
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            ids, mask = pad_right([seqs[i] for i in idx], self.ids.pad, self.device)
+            hidden, _ = self.hidden_states(ids, mask)
+            last = mask.sum(1) - 1
+            vecs[idx] = hidden[torch.arange(len(idx), device=self.device), last].float().cpu()
+            bar.update(len(idx))
+        bar.close()
+        self.train(was_training)
+        return vecs
+
+
+def pad_right(seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to the longest sequence in the list (dynamic padding): ids (B, T) and attention mask (B, T)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+def _cache_of(out) -> Any:
+    """The KV cache of a model output (`cache` in transformers 5, `past_key_values` before)."""
+    for key in ("cache", "past_key_values"):
+        if key in out:
+            return out[key]
+    return None
+
+
+def _tokens_dict(tokens: TokensConfig) -> dict[str, Any]:
+    return {"query": tokens.query, "doc": tokens.doc, "open": tokens.open, "close": tokens.close,
+            "descriptions": dict(tokens.descriptions), "extra": dict(tokens.extra)}
+
+
+def _read_meta(path: str) -> dict[str, Any] | None:
+    meta_path = Path(path) / ONEGEN_JSON
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        _ = meta["tokens"]["query"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise OneGenError(f"malformed onegen.json ({e}); re-save the model with save_pretrained",
+                          file=str(meta_path)) from None
+    return meta
+
+
+def _load_causal_lm(path: str, dtype: torch.dtype | str | None, trust_remote_code: bool) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise OneGenError(f"cannot load a model config from '{path}': {str(e).splitlines()[0]}") from None
+    if getattr(config, "is_decoder", None) is False and not getattr(config, "is_encoder_decoder", False):
+        config.is_decoder = True  # an encoder checkpoint (e.g. BERT) becomes a causal decoder
+    kwargs: dict[str, Any] = {"config": config, "trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise OneGenError(f"cannot load a causal LM from '{path}': {str(e).splitlines()[0]}") from None
+
+
+def build_scratch_lm(cfg: ModelConfig, tokenizer) -> nn.Module:
+    """A randomly initialised causal LM of `cfg.scratch.architecture` sized for the tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    s = cfg.scratch
+    assert s is not None
+    try:
+        config = AutoConfig.for_model(s.architecture)
+    except ValueError:
+        raise OneGenError(f"unknown architecture '{s.architecture}' (any model_type transformers knows)",
+                          field="model.scratch.architecture") from None
+    attribute_map = getattr(config, "attribute_map", {})
+    values = {"vocab_size": len(tokenizer), "hidden_size": s.hidden_size, "num_hidden_layers": s.num_layers,
+              "num_attention_heads": s.num_heads, "num_key_value_heads": s.num_heads,
+              "intermediate_size": s.intermediate_size or 4 * s.hidden_size,
+              "max_position_embeddings": s.max_position_embeddings,
+              "head_dim": s.hidden_size // s.num_heads,
+              "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+              "pad_token_id": tokenizer.pad_token_id, **s.extra}
+    for key, value in values.items():
+        if hasattr(config, key) or key in attribute_map:
+            setattr(config, key, value)
+    if getattr(config, "is_decoder", None) is False:
+        config.is_decoder = True
+    return AutoModelForCausalLM.from_config(config)
+
+
+_PROBE = [5, 7, 11, 3, 2, 9]
+
+
+@torch.no_grad()
+def _find_body_and_head(lm: nn.Module):
+    """Find the decoder body and the LM head of `lm` by checking them against its own forward.
+
+    Returns (body or None, head, logit_fn). Candidate heads are the output embedding and the modules
+    that contain it; logit_fn applies soft-capping/scaling found in the config. With no match, the
+    full forward is used (correct, but computes logits at every position).
+    """
+    was_training = lm.training
+    lm.eval()
+    try:
+        device = next(lm.parameters()).device
+        vocab = lm.get_input_embeddings().weight.shape[0]
+        ids = torch.tensor([[t % vocab for t in _PROBE]], device=device)
+        ref = lm(input_ids=ids, output_hidden_states=True, use_cache=False)
+        hidden = ref.hidden_states[-1]
+        body = getattr(lm, "base_model", None)
+        if body is not None and body is not lm:
+            try:
+                got = body(input_ids=ids, use_cache=False).last_hidden_state
+                if not torch.allclose(got.float(), hidden.float(), atol=1e-4, rtol=1e-3):
+                    body = None
+            except Exception:  # a body with another calling convention: use the full forward
+                body = None
+        else:
+            body = None
+        for head in _head_candidates(lm):
+            for fn in _logit_fns(lm.config):
+                try:
+                    logits = fn(head(hidden))
+                except Exception:
+                    continue
+                if logits.shape == ref.logits.shape and torch.allclose(
+                        logits.float(), ref.logits.float(), atol=1e-3, rtol=1e-3):
+                    return body, head, fn
+        log.warning("could not isolate the LM head; using the full forward (logits at every position)")
+        return None, _FullHead(lm), _identity
+    finally:
+        lm.train(was_training)
+
+
+def _head_candidates(lm: nn.Module) -> list[nn.Module]:
+    out = lm.get_output_embeddings()
+    if out is None:
+        return []
+    names = {id(m): n for n, m in lm.named_modules()}
+    name = names.get(id(out), "")
+    candidates = [out]
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):  # the output embedding's parents, innermost first
+        candidates.append(lm.get_submodule(".".join(parts[:i])))
+    return candidates
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _logit_fns(config) -> list:
+    fns = [_identity]
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        fns.append(lambda x: torch.tanh(x / cap) * cap)
+    scale = getattr(config, "logits_scaling", None)
+    if scale:
+        fns.append(lambda x: x / scale)
+    mult = getattr(config, "logit_scale", None)
+    if mult:
+        fns.append(lambda x: x * mult)
+    return fns
+
+
+class _FullHead:
+    """Marks a model whose LM head could not be isolated: `OneGenModel.run` takes logits from the full
+    forward instead of applying a head to hidden states."""
+
+    def __init__(self, lm: nn.Module):
+        self.lm = lm

@@ -1,0 +1,239 @@
+"""Render: the ONE place where a record becomes token ids, LM labels and retrieval positions.
+
+Guarantees:
+- only assistant text outside `<paragraph>…</paragraph>` is GEN (trained); everything else is CTX;
+  the query token is generated (GEN) and its hidden state is a retrieval vector (RET);
+- the logits at a query token are not trained when a paragraph follows (the engine discards them);
+- the end-of-turn token after an assistant message is GEN, so the model learns to stop;
+- text is tokenized in chunks split at the special-token strings, and a paragraph's content is one
+  chunk: `encode_chunk(doc_text)` is exactly what training saw, so the engine inserts identical ids;
+- truncation never leaves a query token without its retrieval entry.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+from .config import TokensConfig
+from .data import Message, Retrieval, Sample
+from .errors import OneGenError
+from .tokens import CTX, GEN, IGNORE_INDEX, RET, token_ids
+
+log = logging.getLogger(__name__)
+
+BUILTIN_ROLE_PREFIX = {"system": "System: ", "user": "User: ", "assistant": "Assistant:\n"}
+
+
+@dataclass
+class Rendered:
+    """A rendered sample. `lm_labels[t]` is `input_ids[t]` where token t is trained, else IGNORE_INDEX."""
+
+    input_ids: list[int]
+    lm_labels: list[int]
+    roles: list[str]
+    ret_positions: list[int] = field(default_factory=list)
+    retrievals: tuple[Retrieval, ...] = ()
+    sample_id: str = ""
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class TruncationError(OneGenError):
+    pass
+
+
+class Renderer:
+    """Turns conversations, prompts and documents into token ids for one tokenizer and token set.
+
+    Args:
+        tokenizer: a fast HF tokenizer with the special tokens already added.
+        tokens: the special token strings.
+        max_length: the longest rendered sample, in tokens.
+        on_truncation: `shorten` (cut, dropping retrievals whose query token is cut), `drop` the sample,
+            or `error`.
+        train_after_link: train the token that follows a query token when no paragraph follows it
+            (link mode: the engine uses those logits to go on).
+    """
+
+    def __init__(self, tokenizer, tokens: TokensConfig, max_length: int = 1024, on_truncation: str = "shorten",
+                 doc_max_length: int = 256, train_after_link: bool = True):
+        self.tokenizer = tokenizer
+        self.tokens = tokens
+        self.ids = token_ids(tokenizer, tokens)
+        self.max_length = max_length
+        self.on_truncation = on_truncation
+        self.doc_max_length = doc_max_length
+        self.train_after_link = train_after_link
+        specials = sorted(tokens.strings(), key=len, reverse=True)
+        self._split_re = re.compile("(" + "|".join(re.escape(s) for s in specials) + ")")
+        self._special_ids = set(tokenizer.all_special_ids)
+        self.use_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        self.dropped = 0  # samples dropped by truncation
+        self.shortened = 0  # samples cut (with their retrievals beyond the cut removed)
+
+    # -- low level ------------------------------------------------------------------------------
+    def encode_chunk(self, text: str) -> list[int]:
+        """Token ids of a chunk of text with no special-token strings of ours in it."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def encode_document(self, text: str) -> list[int]:
+        """A corpus document as indexed: its text (cut to `doc_max_length - 1` tokens) then `[RD]`."""
+        ids = self._bos() + self.encode_chunk(text)[: self.doc_max_length - 1 - len(self._bos())]
+        return ids + [self.ids.doc]
+
+    def encode_paragraph(self, text: str) -> list[int]:
+        """A document as inserted after a query token: `<paragraph>` text `</paragraph>`."""
+        return [self.ids.open, *self.encode_chunk(text)[: self.doc_max_length], self.ids.close]
+
+    def _bos(self) -> list[int]:
+        bos = self.tokenizer.bos_token_id
+        if self.use_chat_template or bos is None or bos == self.ids.eos:
+            return []
+        return [bos]
+
+    # -- conversations --------------------------------------------------------------------------
+    def conversation_text(self, messages: tuple[Message, ...] | list[Message], add_generation_prompt: bool
+                          ) -> tuple[str, list[tuple[int, int]]]:
+        """The templated text and the character spans of the assistant contents in it."""
+        if self.use_chat_template:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in messages], tokenize=False,
+                add_generation_prompt=add_generation_prompt)
+            spans, pos = [], 0
+            for m in messages:
+                content = m.content if m.content in text[pos:] else m.content.strip()
+                start = text.find(content, pos)
+                if start < 0:
+                    raise OneGenError(f"the tokenizer's chat template changes the {m.role} message content; "
+                                      "use a template that keeps it verbatim")
+                pos = start + len(content)
+                if m.role == "assistant":
+                    spans.append((start, pos))
+            return text, spans
+        parts, spans, pos = [], [], 0
+        eos = self.tokenizer.eos_token or ""
+        for m in messages:
+            prefix = BUILTIN_ROLE_PREFIX[m.role]
+            start = pos + len(prefix)
+            end_text = eos + "\n" if m.role == "assistant" else "\n"
+            parts.append(prefix + m.content + end_text)
+            if m.role == "assistant":
+                spans.append((start, start + len(m.content)))
+            pos += len(parts[-1])
+        if add_generation_prompt:
+            parts.append(BUILTIN_ROLE_PREFIX["assistant"])
+        return "".join(parts), spans
+
+    def encode_prompt(self, messages: list[Message] | tuple[Message, ...], assistant_prefix: str = "") -> list[int]:
+        """Ids of a prompt ready for generation (ends where the assistant's answer starts)."""
+        text, _ = self.conversation_text(messages, add_generation_prompt=True)
+        ids, _ = self._tokenize(text + assistant_prefix, [])
+        return self._bos() + ids
+
+    def _tokenize(self, text: str, gen_spans: list[tuple[int, int]]) -> tuple[list[int], list[str]]:
+        """Tokenize in chunks split at our special strings; roles from the character spans."""
+        char_gen = bytearray(len(text))
+        for s, e in gen_spans:
+            char_gen[s:e] = b"\x01" * (e - s)
+        ids: list[int] = []
+        roles: list[str] = []
+        pos = 0
+        in_paragraph = False
+        for piece in self._split_re.split(text):
+            if not piece:
+                continue
+            start, pos = pos, pos + len(piece)
+            if piece in self.tokens.strings():
+                tid = self.tokenizer.convert_tokens_to_ids(piece)
+                if piece == self.tokens.open:
+                    in_paragraph = True
+                gen = bool(char_gen[start]) and not in_paragraph
+                ids.append(tid)
+                roles.append(GEN if gen else CTX)
+                if piece == self.tokens.close:
+                    in_paragraph = False
+                continue
+            enc = self.tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+            for tid, (s, e) in zip(enc["input_ids"], enc["offset_mapping"]):
+                c = start + (e - 1 if e > s else s)
+                gen = c < len(text) and bool(char_gen[c]) and not in_paragraph
+                ids.append(tid)
+                roles.append(GEN if gen else CTX)
+        return ids, roles
+
+    def render(self, sample: Sample) -> Rendered | None:
+        """Render a training sample; None when truncation drops it (policy `drop`)."""
+        text, spans = self.conversation_text(sample.messages, add_generation_prompt=False)
+        ids, roles = self._tokenize(text, spans)
+        bos = self._bos()
+        ids, roles = bos + ids, [CTX] * len(bos) + roles
+        self._mark_end_of_turn(text, spans, ids, roles)
+        labels = [t if r == GEN else IGNORE_INDEX for t, r in zip(ids, roles)]
+        ret_positions = [i for i, t in enumerate(ids) if t == self.ids.query and roles[i] == GEN]
+        for p in ret_positions:
+            roles[p] = RET
+            nxt = p + 1
+            if nxt < len(ids) and (ids[nxt] == self.ids.open or not self.train_after_link):
+                labels[nxt] = IGNORE_INDEX
+        if len(ret_positions) != len(sample.retrievals):
+            raise OneGenError(f"rendered {len(ret_positions)} query tokens but the sample has "
+                              f"{len(sample.retrievals)} retrieval entries (a query token inside a paragraph "
+                              "or a non-assistant turn does not count)", file=sample.source or None,
+                              field="retrievals")
+        out = Rendered(ids, labels, roles, ret_positions, sample.retrievals, sample.id)
+        return self._truncate(out, sample)
+
+    def _mark_end_of_turn(self, text: str, spans: list[tuple[int, int]], ids: list[int], roles: list[str]) -> None:
+        """Make the special token that closes each assistant turn GEN, so the model learns to stop."""
+        if not spans:
+            return
+        for i in range(1, len(ids)):
+            if roles[i - 1] != CTX and roles[i] == CTX and ids[i] in self._special_ids \
+                    and ids[i] not in (self.ids.open, self.ids.close, self.ids.doc, self.ids.query):
+                roles[i] = GEN
+
+    def _truncate(self, r: Rendered, sample: Sample) -> Rendered | None:
+        if len(r) <= self.max_length:
+            return r
+        keep = [p for p in r.ret_positions if p < self.max_length]
+        if len(keep) < len(r.ret_positions):
+            if self.on_truncation == "error":
+                raise TruncationError(
+                    f"{len(r)} tokens; cutting to data.max_length={self.max_length} would cut query token "
+                    f"{len(keep) + 1} of {len(r.ret_positions)}: raise data.max_length or set "
+                    "data.on_truncation to shorten or drop", file=sample.source or None)
+            if self.on_truncation == "drop":
+                self.dropped += 1
+                return None
+        self.shortened += 1
+        n = self.max_length
+        return Rendered(r.input_ids[:n], r.lm_labels[:n], r.roles[:n], keep, r.retrievals[: len(keep)],
+                        r.sample_id)
+
+
+# -- visualiser ----------------------------------------------------------------------------------
+
+_STYLE = {GEN: "bold green", CTX: "dim", RET: "bold magenta reverse"}
+
+
+def show(rendered: Rendered, tokenizer, color: bool = False) -> str:
+    """A sample with its roles marked: runs of tokens as «ROLE|text», or with colours for a terminal."""
+    runs: list[tuple[str, list[int]]] = []
+    for tid, role, label in zip(rendered.input_ids, rendered.roles, rendered.lm_labels):
+        tag = role if role != GEN or label != IGNORE_INDEX else CTX
+        if runs and runs[-1][0] == tag:
+            runs[-1][1].append(tid)
+        else:
+            runs.append((tag, [tid]))
+    out = []
+    for tag, ids in runs:
+        text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if color:
+            from rich.markup import escape
+            out.append(f"[{_STYLE[tag]}]{escape(text)}[/]")
+        else:
+            out.append(f"«{tag}|{text}»")
+    return "".join(out)

@@ -1,0 +1,278 @@
+"""The training loop: joint LM + retrieval training on `accelerate`, with checkpoints and exact resume.
+
+`train(config)` validates every input before it creates the run directory, then:
+1. builds the model (pretrained path or scratch), renders all samples once;
+2. for each optimizer step takes a fixed slice of a per-epoch seeded permutation (so the data
+   position is the step number), splits it over ranks and into accumulation micro-batches, collates
+   each with an RNG seeded from (seed, step, rank, micro-batch);
+3. normalises losses by the step's token/query counts over all ranks (1 x 8 == 4 x 2 exactly);
+4. logs metrics.jsonl, checkpoints every `save_every` steps (atomic directories), and at the end
+   saves the model to `RUN/model`, a loss curve to `RUN/loss.png`.
+An interrupted run started again with the same config resumes from its last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .collate import Collator
+from .config import TrainConfig
+from .data import Corpus, Sample, read_corpus, read_el_items, read_samples
+from .errors import OneGenError
+from .io import write_json_atomic, write_text_atomic
+from .losses import Objective
+from .model import OneGenModel
+from .render import Rendered
+
+log = logging.getLogger(__name__)
+
+CKPT_DIR = "checkpoints"
+STATE_FILE = "trainer_state.json"
+
+
+def load_training_data(config: TrainConfig) -> tuple[Corpus | None, list[Sample]]:
+    """Read and validate the corpus and the training samples named by the config."""
+    d, tokens = config.data, config.tokens
+    corpus = read_corpus(d.corpus) if d.corpus else None
+    if d.format == "onegen-original":
+        from .compat import read_original  # the paper's db.jsonl / train.jsonl
+
+        return read_original(d.train, d.corpus, tokens)
+    if d.task == "el":
+        from .tasks import el_to_sample
+
+        if corpus is None:
+            raise OneGenError("entity linking needs a corpus of entities (set data.corpus)", field="data.corpus")
+        return corpus, [el_to_sample(item, tokens) for item in read_el_items(d.train, corpus)]
+    return corpus, read_samples(d.train, tokens.query, corpus, close_token=tokens.close, open_token=tokens.open)
+
+
+def _texts_for_tokenizer(corpus: Corpus | None, samples: list[Sample]) -> list[str]:
+    texts = [m.content for s in samples for m in s.messages]
+    if corpus is not None:
+        texts += [d.text for d in corpus.docs]
+    return texts
+
+
+def build_model(config: TrainConfig, corpus: Corpus | None, samples: list[Sample], run_dir: Path) -> OneGenModel:
+    """The model to train; a from-scratch tokenizer is trained once and kept in the run directory."""
+    tok_dir = run_dir / "tokenizer"
+    tok_cfg = config.tokenizer
+    if config.model.scratch is not None and tok_cfg.train is not None and tok_dir.is_dir():
+        tok_cfg = type(tok_cfg)(name_or_path=str(tok_dir), train=None)
+    model = OneGenModel.from_config(config.model, tok_cfg, config.tokens,
+                                    texts=_texts_for_tokenizer(corpus, samples),
+                                    max_length=config.data.max_length, doc_max_length=config.data.doc_max_length)
+    model.renderer.on_truncation = config.data.on_truncation
+    if config.train.lora is not None:
+        model.add_lora(config.train.lora)
+    if config.model.gradient_checkpointing:
+        model.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def render_all(model: OneGenModel, samples: list[Sample]) -> list[Rendered]:
+    rendered = [r for r in (model.renderer.render(s) for s in samples) if r is not None]
+    r = model.renderer
+    if r.dropped or r.shortened:
+        log.warning("truncation to %d tokens: %d samples dropped, %d shortened", r.max_length, r.dropped, r.shortened)
+    if not rendered:
+        raise OneGenError("no training sample is left after truncation; raise data.max_length", field="data.max_length")
+    return rendered
+
+
+def _precision(name: str) -> str:
+    if name != "auto":
+        return name
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = [p for p in (run_dir / CKPT_DIR).glob("step-*") if (p / STATE_FILE).is_file()]
+    return max(ckpts, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _step_indices(n: int, global_batch: int, step: int, seed: int) -> list[int]:
+    """The sample indices of optimizer step `step`: a slice of a per-epoch seeded permutation."""
+    per_epoch = max(1, n // global_batch)
+    epoch, i = divmod(step, per_epoch)
+    perm = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(perm)
+    return perm[i * global_batch:(i + 1) * global_batch]
+
+
+def train(config: TrainConfig, progress: bool | None = None) -> Path:
+    """Train a OneGen model as the config says; returns the run directory."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    config.validate_for_training()
+    tc = config.train
+    corpus, samples = load_training_data(config)  # 1. validate inputs before writing anything
+    cpu = not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=_precision(tc.precision), cpu=cpu)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    run_dir = Path(config.output_dir)
+    set_seed(tc.seed)
+    model = build_model(config, corpus, samples, run_dir)
+    rendered = render_all(model, samples)
+    collator = Collator(corpus, model.renderer.encode_document, model.ids.pad, config.loss.negatives,
+                        config.loss.in_batch_negatives)
+    objective = Objective(config.loss)
+
+    global_batch = tc.batch_size * world
+    per_epoch = max(1, len(rendered) // global_batch)
+    total_steps = tc.max_steps or tc.epochs * per_epoch
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    warmup = tc.warmup_steps or int(tc.warmup_ratio * total_steps)
+    scheduler = get_scheduler("constant_with_warmup" if tc.schedule == "constant" else tc.schedule, optimizer,
+                              num_warmup_steps=warmup, num_training_steps=total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    inner: OneGenModel = accelerator.unwrap_model(model)
+    head = inner.logits if inner.head_isolated else None
+
+    # 2. the run directory: created only now that inputs and model are good
+    start_step = 0
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / "config.yaml")
+        tok_dir = run_dir / "tokenizer"
+        if config.model.scratch is not None and config.tokenizer.train is not None and not tok_dir.is_dir():
+            inner.tokenizer.save_pretrained(str(tok_dir))
+    accelerator.wait_for_everyone()
+    ckpt = _latest_checkpoint(run_dir) if tc.resume else None
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        start_step = json.loads((ckpt / STATE_FILE).read_text())["step"]
+        log.info("resuming from %s (step %d)", ckpt, start_step)
+    metrics_path = run_dir / "metrics.jsonl"
+    history = _load_history(metrics_path, start_step) if accelerator.is_main_process else []
+
+    show = (tc.progress if progress is None else progress) and accelerator.is_main_process
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=start_step, desc="training", disable=not show, unit="step")
+    gather = world > 1 and config.loss.gather_across_ranks
+    model.train()
+    for step in range(start_step, total_steps):
+        t0 = time.perf_counter()
+        # 3. this rank's samples, its micro-batches, and the step's counts over all ranks
+        idx = _step_indices(len(rendered), global_batch, step, tc.seed)
+        local = idx[rank * tc.batch_size:(rank + 1) * tc.batch_size] or idx[:1]
+        micro_size = math.ceil(len(local) / tc.grad_accum)
+        micro = [local[i:i + micro_size] for i in range(0, len(local), micro_size)]
+        batches = [collator([rendered[i] for i in m], random.Random(hash((tc.seed, step, rank, j))))
+                   for j, m in enumerate(micro)]
+        counts = torch.tensor([sum(len(b["lm_targets"]) for b in batches),
+                               sum(len(b["query_targets"]) for b in batches)], dtype=torch.float64,
+                              device=accelerator.device)
+        counts = accelerator.reduce(counts, reduction="sum") if world > 1 else counts
+        sums = {"lm_loss": 0.0, "retrieval_loss": 0.0, "retrieval_correct": 0.0, "tokens": 0}
+        for j, batch in enumerate(batches):
+            sums["tokens"] += int(batch["attention_mask"].sum() + batch["doc_attention_mask"].sum())
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            ctx = accelerator.no_sync(model) if j < len(batches) - 1 else _nullcontext()
+            with ctx, accelerator.autocast():
+                out = model(batch)
+                terms = objective(out, batch, head, float(counts[0]), float(counts[1]), world, gather)
+                accelerator.backward(terms["loss"])
+            for k in ("lm_loss", "retrieval_loss", "retrieval_correct"):
+                sums[k] += float(terms[k]) / (world if k != "retrieval_correct" else 1)
+        if tc.max_grad_norm:
+            accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        # 4. metrics, checkpoint
+        done = step + 1
+        record = {"step": done, "epoch": round(done / per_epoch, 4), "lm_loss": sums["lm_loss"],
+                  "retrieval_loss": sums["retrieval_loss"],
+                  "retrieval_acc": sums["retrieval_correct"] / max(1.0, float(counts[1]) / world),
+                  "lr": scheduler.get_last_lr()[0],
+                  "tokens_per_s": sums["tokens"] * world / max(time.perf_counter() - t0, 1e-9)}
+        history.append(record)
+        bar.update(1)
+        bar.set_postfix(lm=f"{record['lm_loss']:.3f}", ret=f"{record['retrieval_loss']:.3f}")
+        if accelerator.is_main_process and (done % tc.log_every == 0 or done == total_steps):
+            write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+        if tc.save_every and done % tc.save_every == 0 and done < total_steps:
+            _save_checkpoint(accelerator, run_dir, done, tc.keep_checkpoints)
+    bar.close()
+    if accelerator.is_main_process:
+        write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+        inner.save_pretrained(run_dir / "model")
+        _plot(history, run_dir / "loss.png")
+        write_json_atomic(run_dir / "summary.json", {"steps": total_steps, "final": history[-1] if history else {},
+                                                     "world_size": world, "samples": len(rendered)})
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _load_history(path: Path, upto: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["step"] <= upto]
+
+
+def _save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> None:
+    """Save the full training state into `checkpoints/step-N`, atomically (temp dir, then rename)."""
+    final = run_dir / CKPT_DIR / f"step-{step}"
+    tmp = run_dir / CKPT_DIR / f".step-{step}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step}))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        ckpts = sorted((p for p in (run_dir / CKPT_DIR).glob("step-*") if (p / STATE_FILE).is_file()),
+                       key=lambda p: int(p.name.split("-")[1]))
+        for old in ckpts[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _plot(history: list[dict], path: Path) -> None:
+    """Loss curves (LM and retrieval) against the step, as a PNG."""
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in history]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax[0].plot(steps, [r["lm_loss"] for r in history])
+    ax[0].set(title="LM loss (GEN tokens)", xlabel="step")
+    ax[1].plot(steps, [r["retrieval_loss"] for r in history], color="tab:orange")
+    ax[1].set(title="retrieval loss", xlabel="step")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
