@@ -105,3 +105,28 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
 
     print(render_metrics_json(evaluate_files(args.task, args.gold, args.pred, k=args.k)))
     return 0
+
+
+def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
+    from .data import read_corpus
+    from .index import Index
+    from .retrievers import load_encoder
+
+    corpus = read_corpus(args.corpus)
+    encoder = load_encoder(args.model, args.device)
+    index = Index.build(encoder, corpus, backend=args.backend, batch_size=args.batch_size, progress=True)
+    index.save(args.out)
+    print(f"indexed {len(index)} documents ({args.backend}, dim {index.dim}) into {args.out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
+    from .predict import predict_file
+
+    stats = predict_file(model_dir=args.model, index_dir=args.index, input_path=args.input, out_path=args.out,
+                         task=args.task, mode=args.mode, retriever=args.retriever, batch_size=args.batch_size,
+                         max_new_tokens=args.max_new_tokens, top_k=args.top_k,
+                         max_retrievals=args.max_retrievals, device=args.device)
+    print(f"wrote {stats['n']} predictions to {args.out} ({stats['seconds']:.1f} s; "
+          f"generator tokens {stats['generator_tokens']}, extra query tokens {stats['extra_query_tokens']})")
+    return 0

@@ -10,6 +10,7 @@ against the HF model's own forward (no list of architectures), with a full-forwa
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -58,6 +59,9 @@ class OneGenModel(nn.Module):
         object.__setattr__(self, "_body", body)
         object.__setattr__(self, "_head", head)
         object.__setattr__(self, "_logit_fn", fn)
+        # transformers 5 names the KV-cache keyword `cache`; older versions `past_key_values`
+        params = inspect.signature((body or self.hf_model).forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -205,7 +209,7 @@ class OneGenModel(nn.Module):
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
         if past_key_values is not None:
-            kwargs["past_key_values"] = past_key_values
+            kwargs[self._cache_kw] = past_key_values
         if self._body is not None or not isinstance(self._head, _FullHead):
             if self._body is not None:
                 out = self._body(**kwargs)

@@ -1,0 +1,336 @@
+"""One-pass generation: the model retrieves inside its own decode loop.
+
+Each row is a small state machine: it decodes; when it feeds `[RQ]`, the hidden state of that very
+forward step is its query vector (no second pass). Rows retrieving in the same step search the index
+as one batch. In insert mode the logits of the `[RQ]` step are discarded and `<paragraph>` document
+`</paragraph>` is prefilled on top of the row's KV cache, the logits after `</paragraph>` picking the
+next token; in link mode (entity linking) the retrieved id is recorded and the `[RQ]` logits are used
+as usual. A row whose retrieval budget is spent cannot emit `[RQ]` again (masked).
+
+Every step is ONE forward over all rows: each row's new tokens (1 decode token, or a whole paragraph,
+or its prompt) are right-aligned in a (B, S) block, earlier columns masked, positions counted per row;
+so rows run at different phases in one batch. The two baselines share the loop: `reencode` (the same
+model re-encodes the whole context in a second pass at each `[RQ]`, GritLM-style) and `pipeline` (a
+separate retriever embeds the query text). `stats` counts the tokens each model processed.
+
+The step itself is behind `_CachedStepper` / `_RecomputeStepper` so that a fast path (static cache,
+CUDA graphs) can replace it with the same interface; both must give the same tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .data import Message
+from .model import OneGenModel
+from .tasks import extract_answer
+
+MODES = ("onegen", "pipeline", "reencode")
+
+
+@dataclass
+class RetrievalEvent:
+    """One retrieval: where it happened, the top-k documents and their scores."""
+
+    position: int  # index in the row's generated stream (prompt excluded) of the [RQ] token
+    doc_ids: list[str]
+    scores: list[float]
+    query_vec: torch.Tensor | None = None  # (D,), kept when `keep_vectors`
+
+
+@dataclass
+class GenerationResult:
+    text: str  # the full generated stream: generated tokens and inserted paragraphs
+    answer: str
+    retrievals: list[RetrievalEvent] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # generated + inserted ids (prompt excluded)
+    n_generated: int = 0
+    n_inserted: int = 0
+    finish_reason: str = ""  # eos | stop | length
+
+
+@dataclass
+class _Row:
+    prompt: list[int]
+    feed: list[int]  # tokens to process in the next forward
+    messages: list[Message]
+    stream: list[int] = field(default_factory=list)
+    events: list[RetrievalEvent] = field(default_factory=list)
+    n_generated: int = 0
+    n_inserted: int = 0
+    done: bool = False
+    finish: str = ""
+    generator: torch.Generator | None = None
+    max_new: int = 64
+
+    @property
+    def history(self) -> list[int]:
+        return self.prompt + self.stream
+
+
+class Engine:
+    """Batched one-pass generation with retrieval.
+
+    Args:
+        model: the OneGen model (generator, and retriever in `onegen`/`reencode` modes).
+        index: an `Index` of the corpus built by `model` (or by the retriever in `pipeline` mode); its
+            documents' texts are what gets inserted.
+        mode: `onegen`, `pipeline` (needs `retriever`) or `reencode`.
+        retriever: pipeline mode: an object with `retrieve(texts, k) -> list[(ids, scores)]`.
+        use_cache: False recomputes the full sequence at every step (for equivalence tests).
+    """
+
+    def __init__(self, model: OneGenModel, index: Any = None, mode: str = "onegen", retriever: Any = None,
+                 corpus: Any = None, use_cache: bool = True):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "pipeline" and retriever is None:
+            raise ValueError("pipeline mode needs retriever=")
+        if mode != "pipeline" and index is None:
+            raise ValueError(f"{mode} mode needs an index built by the model")
+        if mode != "pipeline" and hasattr(index, "check_model"):
+            index.check_model(model)
+        self.model, self.index, self.mode, self.retriever = model, index, mode, retriever
+        self.corpus = corpus if corpus is not None else getattr(index, "corpus", None) or getattr(retriever, "corpus", None)
+        self.use_cache = use_cache
+        self.stats = {"generator_tokens": 0, "reencode_tokens": 0, "retriever_tokens": 0, "forwards": 0,
+                      "searches": 0}
+
+    # -- public ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: list[Any], max_new_tokens: int | list[int] = 64, max_retrievals: int = 4, top_k: int = 5,
+                 link: bool = False, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 seed: int = 0, stop: list[str] | None = None, batch_size: int | None = None,
+                 callback: Callable[[dict[str, Any]], None] | None = None, keep_vectors: bool = False,
+                 assistant_prefix: str = "", force_query_every: int | None = None,
+                 ignore_eos: bool = False) -> list[GenerationResult]:
+        """Generate for each prompt (a string, or a list of messages); results in input order.
+
+        Options: `max_retrievals` per row; `top_k` documents in each trace; `link` records the
+        retrieved id and inserts nothing; sampling with `temperature`/`top_p` seeded per row; `stop`
+        strings; `callback` gets {"row", "type": token|retrieval|done, ...} events as they happen.
+        `force_query_every=N` makes each row emit `[RQ]` every N generated tokens (phase set by its
+        prompt length) and `ignore_eos` keeps rows going: a fixed retrieval schedule for benchmarks
+        and tests with untrained weights.
+        """
+        batch_size = batch_size or len(prompts) or 1
+        results: list[GenerationResult] = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            limits = max_new_tokens[start:start + batch_size] if isinstance(max_new_tokens, list) \
+                else [max_new_tokens] * len(chunk)
+            results += self._generate_batch(chunk, start, limits, max_retrievals, top_k, link, do_sample,
+                                            temperature, top_p, seed, stop or [], callback, keep_vectors,
+                                            assistant_prefix, force_query_every, ignore_eos)
+        return results
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _generate_batch(self, prompts, offset, max_new_tokens, max_retrievals, top_k, link, do_sample,
+                        temperature, top_p, seed, stop, callback, keep_vectors, assistant_prefix,
+                        force_every=None, ignore_eos=False):
+        m = self.model
+        was_training = m.training
+        m.eval()
+        rows = []
+        for i, p in enumerate(prompts):
+            messages = _as_messages(p)
+            ids = m.renderer.encode_prompt(messages, assistant_prefix)
+            gen = torch.Generator().manual_seed(seed + offset + i) if do_sample else None
+            rows.append(_Row(ids, list(ids), messages, generator=gen, max_new=max_new_tokens[i]))
+        stepper = (_CachedStepper if self.use_cache else _RecomputeStepper)(m, len(rows))
+        never = [m.ids.open, m.ids.close, m.ids.doc]  # inserted by the engine, never generated
+        while not all(r.done for r in rows):
+            # 1. one forward over every row's pending tokens
+            hidden, logits = stepper.step([r.feed if not r.done else [] for r in rows],
+                                          [r.history for r in rows])
+            self.stats["forwards"] += 1
+            self.stats["generator_tokens"] += sum(len(r.feed) for r in rows if not r.done)
+            # 2. rows that just fed [RQ] retrieve, as one batch
+            retrieving = [i for i, r in enumerate(rows) if not r.done and r.feed and r.feed[-1] == m.ids.query
+                          and r.n_generated and r.stream and r.stream[-1] == m.ids.query]
+            if retrieving:
+                self._retrieve(rows, retrieving, hidden, top_k, keep_vectors, callback)
+            # 3. each row's next feed: a paragraph, or a decoded token
+            for i, r in enumerate(rows):
+                if r.done:
+                    continue
+                if i in retrieving and not link:
+                    para = m.renderer.encode_paragraph(self._doc_text(r.events[-1].doc_ids[0]))
+                    r.stream += para
+                    r.n_inserted += len(para)
+                    r.feed = para
+                    continue
+                allowed_rq = len(r.events) < max_retrievals
+                banned = never + ([] if allowed_rq else [m.ids.query])
+                if force_every:
+                    banned += [m.ids.query] + (sorted(_eos_ids(m)) if ignore_eos else [])
+                elif ignore_eos:
+                    banned += sorted(_eos_ids(m))
+                tok = self._next_token(logits[i], banned, do_sample, temperature, top_p, r.generator)
+                if force_every and allowed_rq and (r.n_generated + len(r.prompt)) % force_every == force_every - 1:
+                    tok = m.ids.query
+                r.stream.append(tok)
+                r.n_generated += 1
+                r.feed = [tok]
+                if callback:
+                    callback({"row": offset + i, "type": "token", "token_id": tok,
+                              "text": m.tokenizer.decode([tok], skip_special_tokens=False)})
+                self._maybe_finish(r, tok, r.max_new, stop)
+                if r.done and callback:
+                    callback({"row": offset + i, "type": "done", "finish_reason": r.finish})
+        m.train(was_training)
+        return [self._result(r, link) for r in rows]
+
+    def _retrieve(self, rows, retrieving, hidden, top_k, keep_vectors, callback) -> None:
+        m = self.model
+        if self.mode == "onegen":
+            query_vecs = hidden[retrieving]  # (R, D): the [RQ] hidden states of this very step
+        elif self.mode == "reencode":
+            histories = [rows[i].history for i in retrieving]
+            query_vecs = m._embed(histories, batch_size=len(histories), progress=False, what="queries")
+            self.stats["reencode_tokens"] += sum(len(h) for h in histories)
+        else:
+            query_vecs = None
+        if query_vecs is not None:
+            scores, idx = self.index.search_tensor(query_vecs.float().cpu(), top_k)
+            found = [([self.index.ids[j] for j in idx[r].tolist() if j >= 0], scores[r].tolist()[: top_k])
+                     for r in range(len(retrieving))]
+        else:
+            texts = [self._query_text(rows[i]) for i in retrieving]
+            found = self.retriever.retrieve(texts, top_k)
+            self.stats["retriever_tokens"] += self.retriever.count_tokens(texts)
+        self.stats["searches"] += 1
+        for n, i in enumerate(retrieving):
+            r = rows[i]
+            ids, scores = found[n]
+            vec = query_vecs[n].float().cpu().clone() if keep_vectors and query_vecs is not None else None
+            r.events.append(RetrievalEvent(len(r.stream) - 1, list(ids), [float(s) for s in scores], vec))
+            if callback:
+                callback({"row": i, "type": "retrieval", "doc_ids": list(ids), "scores": list(scores)})
+
+    def _doc_text(self, doc_id: str) -> str:
+        if self.corpus is None:
+            raise ValueError("the engine needs the corpus texts to insert (pass corpus= or an index with texts)")
+        return self.corpus[doc_id].text
+
+    def _query_text(self, row: _Row) -> str:
+        """Pipeline mode: the question plus what the model wrote so far (without inserted paragraphs)."""
+        m = self.model
+        visible, inside = [], False
+        for t in row.stream:
+            if t == m.ids.open:
+                inside = True
+            elif t == m.ids.close:
+                inside = False
+            elif not inside:
+                visible.append(t)
+        question = next((x.content for x in reversed(row.messages) if x.role == "user"), "")
+        written = m.tokenizer.decode(visible, skip_special_tokens=True).strip()
+        return f"{question} {written}".strip()
+
+    def _next_token(self, logits: torch.Tensor, banned: list[int], do_sample: bool, temperature: float,
+                    top_p: float, generator: torch.Generator | None) -> int:
+        logits = logits.float().clone()
+        logits[banned] = float("-inf")
+        if not do_sample:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / max(temperature, 1e-6), dim=-1).cpu()
+        if top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(0) - sorted_p < top_p
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    def _maybe_finish(self, r: _Row, tok: int, max_new_tokens: int, stop: list[str]) -> None:
+        m = self.model
+        if tok in _eos_ids(m):
+            r.done, r.finish = True, "eos"
+        elif r.n_generated >= max_new_tokens:
+            r.done, r.finish = True, "length"
+        elif stop:
+            tail = m.tokenizer.decode(r.stream[-16:], skip_special_tokens=False)
+            if any(tail.endswith(s) for s in stop):
+                r.done, r.finish = True, "stop"
+
+    def _result(self, r: _Row, link: bool) -> GenerationResult:
+        m = self.model
+        ids = [t for t in r.stream if t not in _eos_ids(m) and t != m.ids.eos]
+        text = m.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        for s in (m.tokenizer.pad_token, m.tokenizer.eos_token):
+            if s:
+                text = text.replace(s, "")
+        answer = "" if link else extract_answer(text, m.tokens)
+        return GenerationResult(text, answer, r.events, r.stream, r.n_generated, r.n_inserted, r.finish)
+
+
+def _eos_ids(m: OneGenModel) -> set[int]:
+    ids = {m.ids.eos}
+    cfg_eos = getattr(m.hf_model.generation_config, "eos_token_id", None) if hasattr(m.hf_model, "generation_config") else None
+    if isinstance(cfg_eos, int):
+        ids.add(cfg_eos)
+    elif isinstance(cfg_eos, list):
+        ids.update(cfg_eos)
+    return ids
+
+
+def _as_messages(prompt: Any) -> list[Message]:
+    if isinstance(prompt, str):
+        return [Message("user", prompt)]
+    out = []
+    for x in prompt:
+        out.append(x if isinstance(x, Message) else Message(x["role"], x["content"]))
+    return out
+
+
+class _CachedStepper:
+    """Generic path for any HF causal LM: a KV cache shared by the rows, masked holes for alignment."""
+
+    def __init__(self, model: OneGenModel, n_rows: int):
+        self.model = model
+        self.cache = None
+        self.mask = torch.zeros((n_rows, 0), dtype=torch.long, device=model.device)
+        self.lengths = torch.zeros(n_rows, dtype=torch.long, device=model.device)  # real tokens so far
+
+    def step(self, feeds: list[list[int]], histories: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Process each row's new tokens; returns the last-position hidden (B, D) and logits (B, V)."""
+        dev = self.model.device
+        width = max(1, max(len(f) for f in feeds))
+        ids = torch.full((len(feeds), width), self.model.ids.pad, dtype=torch.long)
+        new_mask = torch.zeros((len(feeds), width), dtype=torch.long)
+        for i, f in enumerate(feeds):
+            if f:
+                ids[i, width - len(f):] = torch.tensor(f)
+                new_mask[i, width - len(f):] = 1
+        ids, new_mask = ids.to(dev), new_mask.to(dev)
+        positions = (self.lengths[:, None] + new_mask.cumsum(1) - 1).clamp(min=0)  # (B, S)
+        self.mask = torch.cat([self.mask, new_mask], dim=1)
+        last = torch.stack([torch.arange(len(feeds), device=dev), torch.full((len(feeds),), width - 1, device=dev)], 1)
+        hidden, logits, self.cache = self.model.run(ids, self.mask, position_ids=positions,
+                                                    past_key_values=self.cache, use_cache=True, logits_at=last)
+        self.lengths = self.lengths + new_mask.sum(1)
+        return hidden[:, -1], logits
+
+
+class _RecomputeStepper:
+    """No cache: every step re-runs each row's full history (left-padded). For equivalence tests."""
+
+    def __init__(self, model: OneGenModel, n_rows: int):
+        self.model = model
+
+    def step(self, feeds: list[list[int]], histories: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.model.device
+        width = max(len(h) for h in histories)
+        ids = torch.full((len(histories), width), self.model.ids.pad, dtype=torch.long)
+        mask = torch.zeros((len(histories), width), dtype=torch.long)
+        for i, h in enumerate(histories):
+            ids[i, width - len(h):] = torch.tensor(h)
+            mask[i, width - len(h):] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        last = torch.stack([torch.arange(len(histories), device=dev), torch.full((len(histories),), width - 1, device=dev)], 1)
+        hidden, logits, _ = self.model.run(ids, mask, position_ids=positions, logits_at=last)
+        return hidden[:, -1], logits

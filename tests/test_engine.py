@@ -1,0 +1,177 @@
+"""Engine invariants: cache == recompute, captured query vector == plain forward, batched == single,
+forward-pass accounting, retrieval budget, link mode, baselines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from onegen.config import ModelConfig, ScratchConfig, TokenizerConfig, TokenizerTrainConfig, TokensConfig
+from onegen.data import Corpus, Document, Message
+from onegen.engine import Engine
+from onegen.index import Index
+from onegen.model import OneGenModel
+from onegen.retrievers import BM25Retriever, DenseRetriever
+
+DOCS = [Document(f"d{i}", text) for i, text in enumerate([
+    "Velmora was founded by Ilsa Brandt in 1901.", "Ilsa Brandt was born in Caldris.",
+    "Caldris is a town in Ostria.", "Orla Venn is a painter from Velmora.",
+    "Kerrin Brandt founded Brandt Works in 1850.", "Ostria is a region in the north."])]
+QUESTIONS = ["Who founded Velmora?", "Where was Ilsa Brandt born, and in which region is that town?",
+             "Which town is Orla Venn from?", "When was Brandt Works founded by Kerrin Brandt?"]
+
+
+def _model(seed: int) -> OneGenModel:
+    torch.manual_seed(seed)
+    texts = [d.text for d in DOCS] + QUESTIONS
+    cfg = ModelConfig(scratch=ScratchConfig(architecture="llama", hidden_size=64, num_layers=2, num_heads=4))
+    tok = TokenizerConfig(train=TokenizerTrainConfig(vocab_size=300, min_frequency=1))
+    return OneGenModel.from_config(cfg, tok, TokensConfig(), texts).eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> OneGenModel:
+    return _model(0)
+
+
+@pytest.fixture(scope="module")
+def corpus() -> Corpus:
+    return Corpus(DOCS)
+
+
+@pytest.fixture(scope="module")
+def index(model, corpus) -> Index:
+    return Index.build(model, corpus, progress=False)
+
+
+GEN = {"max_new_tokens": 24, "force_query_every": 7, "ignore_eos": True, "max_retrievals": 3, "top_k": 3}
+
+
+def test_cached_equals_recompute(model, index, corpus):
+    a = Engine(model, index, corpus=corpus).generate(QUESTIONS, **GEN)
+    b = Engine(model, index, corpus=corpus, use_cache=False).generate(QUESTIONS, **GEN)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert [[e.doc_ids for e in r.retrievals] for r in a] == [[e.doc_ids for e in r.retrievals] for r in b]
+    assert all(len(r.retrievals) == 3 for r in a)  # the forced schedule really retrieved
+
+
+def test_rows_retrieve_at_different_steps(model, index, corpus):
+    res = Engine(model, index, corpus=corpus).generate(QUESTIONS, **GEN)
+    first = {r.retrievals[0].position for r in res}
+    assert len(first) > 1
+
+
+def test_query_vector_equals_plain_forward(model, index, corpus):
+    res = Engine(model, index, corpus=corpus).generate(QUESTIONS, keep_vectors=True, **GEN)
+    for q, r in zip(QUESTIONS, res):
+        prompt = model.renderer.encode_prompt([Message("user", q)])
+        for e in r.retrievals:
+            ids = prompt + r.token_ids[: e.position + 1]
+            assert ids[-1] == model.ids.query
+            hidden, _ = model.hidden_states(torch.tensor([ids]))
+            torch.testing.assert_close(hidden[0, -1], e.query_vec, atol=1e-5, rtol=1e-4)
+
+
+def test_batched_equals_one_by_one_with_early_finish(model, index, corpus):
+    limits = [24, 5, 17, 9]  # rows finish at different steps
+    eng = Engine(model, index, corpus=corpus)
+    batched = eng.generate(QUESTIONS, **{**GEN, "max_new_tokens": limits})
+    single = [eng.generate([q], **{**GEN, "max_new_tokens": n})[0] for q, n in zip(QUESTIONS, limits)]
+    assert [r.token_ids for r in batched] == [r.token_ids for r in single]
+    assert [r.n_generated for r in batched] == limits
+    flat = [s for r in batched for e in r.retrievals for s in e.scores]
+    assert flat == pytest.approx([s for r in single for e in r.retrievals for s in e.scores], abs=1e-5)
+
+
+def test_forward_accounting(model, index, corpus):
+    eng = Engine(model, index, corpus=corpus)
+    res = eng.generate(QUESTIONS, **GEN)
+    prompt = sum(len(model.renderer.encode_prompt([Message("user", q)])) for q in QUESTIONS)
+    generated = sum(r.n_generated for r in res)
+    inserted = sum(r.n_inserted for r in res)
+    # every token is processed exactly once; a row's last sampled token is never fed
+    assert eng.stats["generator_tokens"] == prompt + generated + inserted - len(QUESTIONS)
+    assert eng.stats["reencode_tokens"] == 0
+    re = Engine(model, index, corpus=corpus, mode="reencode")
+    res2 = re.generate(QUESTIONS, **GEN)
+    assert re.stats["generator_tokens"] == eng.stats["generator_tokens"]
+    extra = sum(len(model.renderer.encode_prompt([Message("user", q)])) + e.position + 1
+                for q, r in zip(QUESTIONS, res2) for e in r.retrievals)
+    assert re.stats["reencode_tokens"] == extra > 0
+
+
+def test_reencode_retrieves_the_same(model, index, corpus):
+    a = Engine(model, index, corpus=corpus).generate(QUESTIONS, **GEN)
+    b = Engine(model, index, corpus=corpus, mode="reencode").generate(QUESTIONS, **GEN)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+
+
+def test_retrieval_budget_masks_query_token(model, index, corpus):
+    res = Engine(model, index, corpus=corpus).generate(QUESTIONS, **{**GEN, "max_retrievals": 1})
+    for r in res:
+        assert len(r.retrievals) == 1
+        assert r.token_ids.count(model.ids.query) == 1
+
+
+def test_insert_mode_inserts_top1_paragraph(model, index, corpus):
+    res = Engine(model, index, corpus=corpus).generate(QUESTIONS[:1], **GEN)[0]
+    e = res.retrievals[0]
+    para = model.renderer.encode_paragraph(corpus[e.doc_ids[0]].text)
+    start = e.position + 1
+    assert res.token_ids[start:start + len(para)] == para
+    assert res.n_inserted == len(para) * len(res.retrievals)
+
+
+def test_link_mode_inserts_nothing(model, index, corpus):
+    res = Engine(model, index, corpus=corpus).generate(QUESTIONS, link=True, **GEN)
+    for r in res:
+        assert r.n_inserted == 0 and len(r.retrievals) == 3
+        assert model.ids.open not in r.token_ids
+
+
+def test_callback_streams_tokens_and_retrievals(model, index, corpus):
+    events = []
+    res = Engine(model, index, corpus=corpus).generate(QUESTIONS[:2], callback=events.append, **GEN)
+    for row in range(2):
+        toks = [e["token_id"] for e in events if e["row"] == row and e["type"] == "token"]
+        assert len(toks) == res[row].n_generated
+        assert sum(e["type"] == "retrieval" and e["row"] == row for e in events) == len(res[row].retrievals)
+        assert any(e["type"] == "done" and e["row"] == row for e in events)
+
+
+def test_sampling_is_seeded(model, index, corpus):
+    eng = Engine(model, index, corpus=corpus)
+    kw = {**GEN, "do_sample": True, "temperature": 0.9, "top_p": 0.9}
+    a = eng.generate(QUESTIONS, seed=3, **kw)
+    b = eng.generate(QUESTIONS, seed=3, **kw)
+    c = eng.generate(QUESTIONS, seed=4, **kw)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert [r.token_ids for r in a] != [r.token_ids for r in c]
+
+
+def test_stop_strings(model, index, corpus):
+    res = Engine(model, index, corpus=corpus).generate(QUESTIONS[:1], max_new_tokens=30, ignore_eos=True)[0]
+    word = model.tokenizer.decode(res.token_ids[:3], skip_special_tokens=False)
+    stopped = Engine(model, index, corpus=corpus).generate(QUESTIONS[:1], max_new_tokens=30, ignore_eos=True,
+                                                            stop=[word])[0]
+    assert stopped.finish_reason == "stop" and stopped.n_generated <= 3
+
+
+def test_pipeline_mode_counts_retriever_tokens(model, corpus):
+    other = _model(1)
+    r_index = Index.build(other, corpus, progress=False)
+    eng = Engine(model, None, mode="pipeline", retriever=DenseRetriever(other, r_index), corpus=corpus)
+    res = eng.generate(QUESTIONS, **GEN)
+    assert all(len(r.retrievals) == 3 for r in res)
+    assert eng.stats["retriever_tokens"] > 0
+    bm = Engine(model, None, mode="pipeline", retriever=BM25Retriever(corpus), corpus=corpus)
+    out = bm.generate(["Who founded Velmora?"], **{**GEN, "max_retrievals": 1})[0]
+    assert out.retrievals[0].doc_ids[0] in {"d0", "d3"}  # lexical match on "Velmora"
+
+
+def test_index_from_another_model_is_refused(model, corpus):
+    from onegen.errors import OneGenError
+
+    other_index = Index.build(_model(2), corpus, progress=False)
+    with pytest.raises(OneGenError):
+        Engine(model, other_index, corpus=corpus)
