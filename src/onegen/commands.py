@@ -55,8 +55,8 @@ def _data_show(args: argparse.Namespace) -> int:
         tokenizer, renderer = model.tokenizer, model.renderer
     else:
         from .render import Renderer
-        from .tokens import add_special_tokens
         from .tokenizer import load_tokenizer, train_bpe
+        from .tokens import add_special_tokens
 
         name = config.tokenizer.name_or_path or config.model.name_or_path
         if name:
@@ -130,3 +130,11 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     print(f"wrote {stats['n']} predictions to {args.out} ({stats['seconds']:.1f} s; "
           f"generator tokens {stats['generator_tokens']}, extra query tokens {stats['extra_query_tokens']})")
     return 0
+
+
+def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
+    from .bench import main as bench_main
+
+    if args.what != "inference":
+        raise OneGenError(f"'onegen bench {args.what}' is not implemented yet; available: inference")
+    return bench_main([args.what, *args.rest])

@@ -45,7 +45,7 @@ def run_engine(engine: Engine, items: list, task: str, batch_size: int = 8, max_
         chunk = items[start:start + batch_size]
         results = engine.generate(prompts[start:start + batch_size], max_new_tokens=limit, top_k=top_k,
                                   max_retrievals=max_retrievals if task != "el" else 10_000, link=task == "el")
-        records += [prediction_record(i, r, task, engine.model.tokens) for i, r in zip(chunk, results)]
+        records += [prediction_record(i, r, task, engine.model.tokens) for i, r in zip(chunk, results, strict=False)]
     return records
 
 
