@@ -19,7 +19,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         config = config_from_workflow(args.workflow, extra)
     else:
         config = TrainConfig.from_yaml(args.config, extra)
-    run_dir = train(config, progress=not args.no_progress)
+    run_dir = train(config, progress=False if args.no_progress else None)
     print(f"run directory: {run_dir}  (model: {run_dir / 'model'})")
     return 0
 
