@@ -63,7 +63,7 @@ def test_rows_retrieve_at_different_steps(model, index, corpus):
 
 def test_query_vector_equals_plain_forward(model, index, corpus):
     res = Engine(model, index, corpus=corpus).generate(QUESTIONS, keep_vectors=True, **GEN)
-    for q, r in zip(QUESTIONS, res):
+    for q, r in zip(QUESTIONS, res, strict=False):
         prompt = model.renderer.encode_prompt([Message("user", q)])
         for e in r.retrievals:
             ids = prompt + r.token_ids[: e.position + 1]
@@ -76,7 +76,7 @@ def test_batched_equals_one_by_one_with_early_finish(model, index, corpus):
     limits = [24, 5, 17, 9]  # rows finish at different steps
     eng = Engine(model, index, corpus=corpus)
     batched = eng.generate(QUESTIONS, **{**GEN, "max_new_tokens": limits})
-    single = [eng.generate([q], **{**GEN, "max_new_tokens": n})[0] for q, n in zip(QUESTIONS, limits)]
+    single = [eng.generate([q], **{**GEN, "max_new_tokens": n})[0] for q, n in zip(QUESTIONS, limits, strict=False)]
     assert [r.token_ids for r in batched] == [r.token_ids for r in single]
     assert [r.n_generated for r in batched] == limits
     flat = [s for r in batched for e in r.retrievals for s in e.scores]
@@ -96,7 +96,7 @@ def test_forward_accounting(model, index, corpus):
     res2 = re.generate(QUESTIONS, **GEN)
     assert re.stats["generator_tokens"] == eng.stats["generator_tokens"]
     extra = sum(len(model.renderer.encode_prompt([Message("user", q)])) + e.position + 1
-                for q, r in zip(QUESTIONS, res2) for e in r.retrievals)
+                for q, r in zip(QUESTIONS, res2, strict=False) for e in r.retrievals)
     assert re.stats["reencode_tokens"] == extra > 0
 
 

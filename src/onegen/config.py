@@ -314,6 +314,11 @@ def _coerce(hint: Any, value: Any, key: str, source: str | None) -> Any:
     if float in base:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads `1e-4` as a string: it needs a dot
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise OneGenError(f"expected a number, got {value!r}", field=key)
     if bool in base:
         if isinstance(value, bool):

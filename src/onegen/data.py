@@ -259,7 +259,7 @@ def read_el_items(path: str | Path, corpus: Corpus | None = None) -> list[ELItem
                 raise row.error(f"entity id '{eid}' is not in the corpus {corpus.source}", f"{key}.id")
             entities.append(Entity(start, end, eid))
         entities.sort(key=lambda x: x.start)
-        for a, b in zip(entities, entities[1:]):
+        for a, b in zip(entities, entities[1:], strict=False):
             if b.start < a.end:
                 raise row.error(f"entity spans overlap: [{a.start},{a.end}) and [{b.start},{b.end})", "entities")
         items.append(ELItem(item_id, text, tuple(entities), row.where))

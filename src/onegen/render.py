@@ -12,6 +12,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import bisect
 import logging
 import re
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from .tokens import CTX, GEN, IGNORE_INDEX, RET, token_ids
 
 log = logging.getLogger(__name__)
 
+_SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
 BUILTIN_ROLE_PREFIX = {"system": "System: ", "user": "User: ", "assistant": "Assistant:\n"}
 
 
@@ -99,6 +101,9 @@ class Renderer:
                           ) -> tuple[str, list[tuple[int, int]]]:
         """The templated text and the character spans of the assistant contents in it."""
         if self.use_chat_template:
+            found = self._template_by_sentinels(messages, add_generation_prompt)
+            if found is not None:
+                return found
             text = self.tokenizer.apply_chat_template(
                 [{"role": m.role, "content": m.content} for m in messages], tokenize=False,
                 add_generation_prompt=add_generation_prompt)
@@ -127,19 +132,45 @@ class Renderer:
             parts.append(BUILTIN_ROLE_PREFIX["assistant"])
         return "".join(parts), spans
 
+    def _template_by_sentinels(self, messages: tuple[Message, ...] | list[Message], add_generation_prompt: bool
+                               ) -> tuple[str, list[tuple[int, int]]] | None:
+        """Apply the chat template to sentinel contents, then put the real contents in their places.
+
+        Searching for a content in the templated text could match inside the template's own markup
+        (an answer "a" inside "<|assistant|>"); sentinels give exact spans. None when the template does
+        not keep every message (then the contents are searched for)."""
+        skeleton = self.tokenizer.apply_chat_template(
+            [{"role": m.role, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)], tokenize=False,
+            add_generation_prompt=add_generation_prompt)
+        pieces = _SENTINEL_RE.split(skeleton)  # [template, index, template, index, ..., template]
+        if pieces[1::2] != [str(i) for i in range(len(messages))]:
+            return None
+        text, spans = pieces[0], []
+        for i, tail in zip(pieces[1::2], pieces[2::2], strict=True):
+            m = messages[int(i)]
+            start = len(text)
+            text += m.content
+            if m.role == "assistant":
+                spans.append((start, len(text)))
+            text += tail
+        return text, spans
+
     def encode_prompt(self, messages: list[Message] | tuple[Message, ...], assistant_prefix: str = "") -> list[int]:
         """Ids of a prompt ready for generation (ends where the assistant's answer starts)."""
         text, _ = self.conversation_text(messages, add_generation_prompt=True)
-        ids, _ = self._tokenize(text + assistant_prefix, [])
+        ids, _, _ = self._tokenize(text + assistant_prefix, [])
         return self._bos() + ids
 
-    def _tokenize(self, text: str, gen_spans: list[tuple[int, int]]) -> tuple[list[int], list[str]]:
-        """Tokenize in chunks split at our special strings; roles from the character spans."""
+    def _tokenize(self, text: str, gen_spans: list[tuple[int, int]]) -> tuple[list[int], list[str], list[int]]:
+        """Tokenize in chunks split at our special strings; roles from the character spans.
+
+        Returns ids, roles and the character offset where each token starts."""
         char_gen = bytearray(len(text))
         for s, e in gen_spans:
             char_gen[s:e] = b"\x01" * (e - s)
         ids: list[int] = []
         roles: list[str] = []
+        starts: list[int] = []
         pos = 0
         in_paragraph = False
         for piece in self._split_re.split(text):
@@ -153,25 +184,27 @@ class Renderer:
                 gen = bool(char_gen[start]) and not in_paragraph
                 ids.append(tid)
                 roles.append(GEN if gen else CTX)
+                starts.append(start)
                 if piece == self.tokens.close:
                     in_paragraph = False
                 continue
             enc = self.tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
-            for tid, (s, e) in zip(enc["input_ids"], enc["offset_mapping"]):
+            for tid, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
                 c = start + (e - 1 if e > s else s)
                 gen = c < len(text) and bool(char_gen[c]) and not in_paragraph
                 ids.append(tid)
                 roles.append(GEN if gen else CTX)
-        return ids, roles
+                starts.append(start + s)
+        return ids, roles, starts
 
     def render(self, sample: Sample) -> Rendered | None:
         """Render a training sample; None when truncation drops it (policy `drop`)."""
         text, spans = self.conversation_text(sample.messages, add_generation_prompt=False)
-        ids, roles = self._tokenize(text, spans)
+        ids, roles, starts = self._tokenize(text, spans)
+        self._mark_end_of_turn(spans, ids, roles, starts)
         bos = self._bos()
         ids, roles = bos + ids, [CTX] * len(bos) + roles
-        self._mark_end_of_turn(text, spans, ids, roles)
-        labels = [t if r == GEN else IGNORE_INDEX for t, r in zip(ids, roles)]
+        labels = [t if r == GEN else IGNORE_INDEX for t, r in zip(ids, roles, strict=True)]
         ret_positions = [i for i, t in enumerate(ids) if t == self.ids.query and roles[i] == GEN]
         for p in ret_positions:
             roles[p] = RET
@@ -186,13 +219,16 @@ class Renderer:
         out = Rendered(ids, labels, roles, ret_positions, sample.retrievals, sample.id)
         return self._truncate(out, sample)
 
-    def _mark_end_of_turn(self, text: str, spans: list[tuple[int, int]], ids: list[int], roles: list[str]) -> None:
-        """Make the special token that closes each assistant turn GEN, so the model learns to stop."""
-        if not spans:
-            return
-        for i in range(1, len(ids)):
-            if roles[i - 1] != CTX and roles[i] == CTX and ids[i] in self._special_ids \
-                    and ids[i] not in (self.ids.open, self.ids.close, self.ids.doc, self.ids.query):
+    def _mark_end_of_turn(self, spans: list[tuple[int, int]], ids: list[int], roles: list[str],
+                          starts: list[int]) -> None:
+        """Make the special token that closes each assistant turn GEN, so the model learns to stop.
+
+        It is the first token at or after the end of the turn's content, whatever precedes it (text,
+        a paragraph, or nothing for an empty turn)."""
+        ours = (self.ids.open, self.ids.close, self.ids.doc, self.ids.query)
+        for _, end in spans:
+            i = bisect.bisect_left(starts, end)
+            if i < len(ids) and ids[i] in self._special_ids and ids[i] not in ours:
                 roles[i] = GEN
 
     def _truncate(self, r: Rendered, sample: Sample) -> Rendered | None:
@@ -222,7 +258,7 @@ _STYLE = {GEN: "bold green", CTX: "dim", RET: "bold magenta reverse"}
 def show(rendered: Rendered, tokenizer, color: bool = False) -> str:
     """A sample with its roles marked: runs of tokens as «ROLE|text», or with colours for a terminal."""
     runs: list[tuple[str, list[int]]] = []
-    for tid, role, label in zip(rendered.input_ids, rendered.roles, rendered.lm_labels):
+    for tid, role, label in zip(rendered.input_ids, rendered.roles, rendered.lm_labels, strict=True):
         tag = role if role != GEN or label != IGNORE_INDEX else CTX
         if runs and runs[-1][0] == tag:
             runs[-1][1].append(tid)

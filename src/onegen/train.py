@@ -205,9 +205,11 @@ def train(config: TrainConfig, progress: bool | None = None) -> Path:
         history.append(record)
         bar.update(1)
         bar.set_postfix(lm=f"{record['lm_loss']:.3f}", ret=f"{record['retrieval_loss']:.3f}")
-        if accelerator.is_main_process and (done % tc.log_every == 0 or done == total_steps):
-            write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
-        if tc.save_every and done % tc.save_every == 0 and done < total_steps:
+        # a checkpoint also at the last step, so a run can be continued with a larger max_steps
+        checkpoint = bool(tc.save_every) and (done % tc.save_every == 0 or done == total_steps)
+        if accelerator.is_main_process and (done % tc.log_every == 0 or done == total_steps or checkpoint):
+            write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history))  # resume keeps it
+        if checkpoint:
             _save_checkpoint(accelerator, run_dir, done, tc.keep_checkpoints)
     bar.close()
     if accelerator.is_main_process:

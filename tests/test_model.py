@@ -1,0 +1,223 @@
+"""Tests of onegen.model: one optimizer step trains every parameter, save/load round trips (full and
+LoRA), query vectors equal a plain forward, fingerprints, and an encoder checkpoint loaded as a decoder."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from onegen.collate import Collator
+from onegen.config import LoraConfig, LossConfig
+from onegen.data import Message
+from onegen.losses import Objective
+from onegen.model import ONEGEN_JSON, OneGenModel, pad_right
+
+QUESTIONS = ["Who founded Velmora?", "Where was Ilsa Brandt born? Tell me.", "Hi"]
+
+
+def _batch(model: OneGenModel, samples, corpus, n: int = 6) -> dict[str, torch.Tensor]:
+    rendered = [model.renderer.render(s) for s in samples[:n]]
+    collator = Collator(corpus, model.renderer.encode_document, model.ids.pad, negatives=2)
+    return collator(rendered, random.Random(0))
+
+
+def _step(model: OneGenModel, batch: dict[str, torch.Tensor], lr: float = 1e-3) -> dict[str, torch.Tensor]:
+    """One full optimizer step as the trainer takes it."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    head = model.logits if model.head_isolated else None
+    out = model(batch)
+    terms = Objective(LossConfig())(out, batch, head, float(len(batch["lm_targets"])),
+                                    float(len(batch["query_targets"])))
+    terms["loss"].backward()
+    opt.step()
+    opt.zero_grad()
+    model.eval()
+    return terms
+
+
+def _outputs(model: OneGenModel, texts: list[str]) -> dict[str, torch.Tensor]:
+    """Hidden states, logits everywhere and both kinds of retrieval vectors, for comparisons."""
+    seqs = [model.renderer.encode_prompt([Message("user", t)]) for t in texts]
+    ids, mask = pad_right(seqs, model.ids.pad)
+    positions = mask.nonzero()
+    with torch.no_grad():
+        hidden, logits, _ = model.run(ids, mask, logits_at=positions)
+    return {"hidden": hidden[mask.bool()], "logits": logits, "queries": model.embed_queries(texts),
+            "docs": model.embed_documents(texts)}
+
+
+def _assert_same_outputs(a: dict, b: dict) -> None:
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+# -- training step -------------------------------------------------------------------------------
+
+def test_every_trainable_parameter_changes_after_one_step(fresh_model, samples, corpus):
+    batch = _batch(fresh_model, samples, corpus)
+    assert len(batch["query_targets"]) > 0 and len(batch["lm_targets"]) > 0
+    before = {n: p.detach().clone() for n, p in fresh_model.named_parameters() if p.requires_grad}
+    terms = _step(fresh_model, batch)
+    assert torch.isfinite(terms["loss"]) and terms["retrieval_loss"] > 0 and terms["lm_loss"] > 0
+    unchanged = [n for n, p in fresh_model.named_parameters() if p.requires_grad and torch.equal(p, before[n])]
+    assert not unchanged
+
+
+def test_lora_trains_adapters_and_new_token_rows_only(fresh_model, samples, corpus):
+    fresh_model.add_lora(LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    trainable = {n for n, p in fresh_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "token_adapter" in n for n in trainable), sorted(trainable)
+    frozen = {n: p.detach().clone() for n, p in fresh_model.named_parameters() if not p.requires_grad}
+    before = {n: p.detach().clone() for n, p in fresh_model.named_parameters() if p.requires_grad}
+    batch = _batch(fresh_model, samples, corpus)
+    for _ in range(2):  # LoRA B starts at zero, so A only moves from the second step on
+        _step(fresh_model, batch)
+    params = dict(fresh_model.named_parameters())
+    assert [n for n in trainable if torch.equal(params[n], before[n])] == []
+    assert [n for n in frozen if not torch.equal(params[n], frozen[n])] == []
+
+
+# -- save / load ---------------------------------------------------------------------------------
+
+def test_save_load_full_identical(tiny_model, tiny_model_dir):
+    meta = json.loads((tiny_model_dir / ONEGEN_JSON).read_text())
+    assert meta["lora"] is False and meta["tokens"]["query"] == "[RQ]"
+    assert meta["token_ids"]["query"] == tiny_model.ids.query
+    loaded = OneGenModel.from_pretrained(tiny_model_dir).eval()
+    assert loaded.ids == tiny_model.ids and len(loaded.tokenizer) == len(tiny_model.tokenizer)
+    _assert_same_outputs(_outputs(tiny_model, QUESTIONS), _outputs(loaded, QUESTIONS))
+
+
+def test_save_load_lora_identical(tiny_model_dir, samples, corpus, tmp_path):
+    base = OneGenModel.from_pretrained(tiny_model_dir)
+    base.add_lora(LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    _step(base, _batch(base, samples, corpus), lr=1e-2)
+    _step(base, _batch(base, samples, corpus), lr=1e-2)  # LoRA A and B and the token rows all moved
+    before = _outputs(base, QUESTIONS)
+    plain = _outputs(OneGenModel.from_pretrained(tiny_model_dir), QUESTIONS)
+    assert not torch.allclose(before["logits"], plain["logits"])  # the adapter does something
+    out = base.save_pretrained(tmp_path / "lora")
+    meta = json.loads((out / ONEGEN_JSON).read_text())
+    assert meta["lora"] is True and meta["base_model"] == str(tiny_model_dir)
+    assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
+    loaded = OneGenModel.from_pretrained(out).eval()
+    assert loaded.is_lora
+    _assert_same_outputs(before, _outputs(loaded, QUESTIONS))
+
+
+def test_lora_from_train_section(tiny_model_dir, samples, corpus, tmp_path):
+    """`TrainSection.lora` -> `from_pretrained(lora=...)`: the same wrapping as `add_lora`."""
+    from onegen.config import TrainSection
+
+    section = TrainSection(lora=LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    model = OneGenModel.from_pretrained(tiny_model_dir, lora=section.lora)
+    assert model.is_lora and model.head_isolated
+    _step(model, _batch(model, samples, corpus), lr=1e-2)
+    _step(model, _batch(model, samples, corpus), lr=1e-2)
+    out = model.save_pretrained(tmp_path / "lora")
+    assert (out / ONEGEN_JSON).is_file()
+    _assert_same_outputs(_outputs(model, QUESTIONS), _outputs(OneGenModel.from_pretrained(out).eval(), QUESTIONS))
+
+
+def test_save_is_atomic_over_an_existing_dir(tiny_model, tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    tiny_model.save_pretrained(out)
+    assert (out / ONEGEN_JSON).is_file() and not (out / "stale.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# -- retrieval vectors ---------------------------------------------------------------------------
+
+def test_embed_queries_equals_plain_forward_at_query_token(tiny_model):
+    vecs = tiny_model.embed_queries(QUESTIONS, batch_size=2)  # batched and padded
+    for text, vec in zip(QUESTIONS, vecs, strict=True):
+        ids = tiny_model.renderer.encode_prompt([Message("user", text)]) + [tiny_model.ids.query]
+        with torch.no_grad():
+            out = tiny_model.hf_model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+        torch.testing.assert_close(vec, out.hidden_states[-1][0, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_embed_documents_equals_plain_forward_at_doc_token(tiny_model, corpus):
+    texts = [d.text for d in corpus.docs[:5]]
+    vecs = tiny_model.embed_documents(texts, batch_size=3)
+    for text, vec in zip(texts, vecs, strict=True):
+        ids = tiny_model.renderer.encode_document(text)
+        assert ids[-1] == tiny_model.ids.doc
+        with torch.no_grad():
+            out = tiny_model.hf_model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+        torch.testing.assert_close(vec, out.hidden_states[-1][0, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_training_forward_matches_plain_forward(tiny_model, samples, corpus):
+    """The batch forward's query vectors and GEN logits equal a plain HF forward per sample."""
+    batch = _batch(tiny_model, samples, corpus, n=3)
+    with torch.no_grad():
+        out = tiny_model(batch)
+        full = tiny_model.hf_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   output_hidden_states=True)
+    q = batch["query_positions"]
+    torch.testing.assert_close(out["query_vecs"], full.hidden_states[-1][q[:, 0], q[:, 1]], rtol=1e-5, atol=1e-5)
+    lm = batch["lm_positions"]
+    torch.testing.assert_close(tiny_model.logits(out["gen_hidden"]), full.logits[lm[:, 0], lm[:, 1]],
+                               rtol=1e-4, atol=1e-4)
+
+
+# -- fingerprint ---------------------------------------------------------------------------------
+
+def test_fingerprint_stable_and_distinct(tiny_model, tiny_model_dir, fresh_model):
+    fp = tiny_model.fingerprint()
+    assert fp == tiny_model.fingerprint()
+    assert json.loads((tiny_model_dir / ONEGEN_JSON).read_text())["fingerprint"] == fp
+    assert OneGenModel.from_pretrained(tiny_model_dir).fingerprint() == fp
+    with torch.no_grad():
+        next(p for n, p in fresh_model.named_parameters() if "layers.1" in n).add_(0.01)
+    assert fresh_model.fingerprint() != fp
+
+
+# -- any checkpoint ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bert_dir(plain_tokenizer_dir, tmp_path_factory):
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    tok = AutoTokenizer.from_pretrained(str(plain_tokenizer_dir))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128, is_decoder=False)
+    out = tmp_path_factory.mktemp("bert")
+    BertForMaskedLM(cfg).save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+def test_encoder_checkpoint_loads_as_causal_decoder(bert_dir, tmp_path):
+    model = OneGenModel.from_pretrained(bert_dir).eval()
+    assert model.hf_model.config.is_decoder
+    assert model.head_isolated
+    ids = model.renderer.encode_prompt([Message("user", QUESTIONS[1])]) + [model.ids.query]
+    changed = list(ids)
+    changed[-3:] = [model.ids.doc, model.ids.open, model.ids.close]
+    with torch.no_grad():
+        a, _ = model.hidden_states(torch.tensor([ids]))
+        b, _ = model.hidden_states(torch.tensor([changed]))
+    n = len(ids) - 3
+    torch.testing.assert_close(a[0, :n], b[0, :n], rtol=0, atol=1e-6)  # causal: the past ignores the future
+    assert not torch.allclose(a[0, n:], b[0, n:])
+    out = model.save_pretrained(tmp_path / "m")  # and it round-trips as a decoder
+    again = OneGenModel.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again.hidden_states(torch.tensor([ids]))[0], a, rtol=0, atol=0)
+
+
+def test_bad_model_dir_is_a_user_error(tmp_path):
+    from onegen.errors import OneGenError
+
+    with pytest.raises(OneGenError):
+        OneGenModel.from_pretrained(tmp_path / "nothing-here")

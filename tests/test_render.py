@@ -1,0 +1,279 @@
+"""Tests of onegen.render: golden role visualisations, label/RET invariants, truncation, chat templates."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from conftest import CONTRACT_DOC, CONTRACT_SAMPLE, contract_sample, write_jsonl
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from onegen.data import Corpus, Document, Message, Retrieval, Sample, read_samples
+from onegen.errors import OneGenError
+from onegen.render import Renderer, TruncationError, show
+from onegen.tokens import CTX, GEN, IGNORE_INDEX, RET
+
+DOC = CONTRACT_DOC["text"]
+
+GOLDEN_BUILTIN = (
+    "«CTX|<s>User: Who founded Velmora?\nAssistant:\n»"
+    "«RET|[RQ]»"
+    "«CTX|<paragraph>Velmora was founded by Ilsa Brandt in 1901.</paragraph>»"
+    "«GEN|Ilsa Brandt</s>»"
+    "«CTX|\n»"
+)
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+GOLDEN_CHAT = (
+    "«CTX|<|user|>Who founded Velmora?</s>\n<|assistant|>»"
+    "«RET|[RQ]»"
+    "«CTX|<paragraph>Velmora was founded by Ilsa Brandt in 1901.</paragraph>»"
+    "«GEN|Ilsa Brandt</s>»"
+    "«CTX|\n»"
+)
+
+
+@pytest.fixture(scope="module")
+def renderer(tiny_tokenizer, tokens) -> Renderer:
+    return Renderer(tiny_tokenizer, tokens, max_length=512)
+
+
+@pytest.fixture(scope="module")
+def chat_renderer(tiny_tokenizer, tokens) -> Renderer:
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = CHAT_TEMPLATE
+    return Renderer(tok, tokens, max_length=512)
+
+
+def _find(seq: list[int], sub: list[int]) -> int:
+    for i in range(len(seq) - len(sub) + 1):
+        if seq[i:i + len(sub)] == sub:
+            return i
+    return -1
+
+
+def _check_invariants(r, renderer: Renderer) -> None:
+    """Labels only on GEN/RET tokens and equal to the input there; RET tokens are query tokens."""
+    assert len(r.input_ids) == len(r.lm_labels) == len(r.roles)
+    for t, (tid, label, role) in enumerate(zip(r.input_ids, r.lm_labels, r.roles, strict=True)):
+        if label != IGNORE_INDEX:
+            assert role in (GEN, RET) and label == tid, t
+    assert r.ret_positions == [t for t, role in enumerate(r.roles) if role == RET]
+    assert all(r.input_ids[p] == renderer.ids.query for p in r.ret_positions)
+    assert len(r.ret_positions) == len(r.retrievals)
+
+
+# -- golden visualisations -----------------------------------------------------------------------
+
+def test_golden_builtin_template(renderer, tiny_tokenizer):
+    r = renderer.render(contract_sample())
+    assert show(r, tiny_tokenizer) == GOLDEN_BUILTIN
+    _check_invariants(r, renderer)
+
+
+def test_golden_chat_template(chat_renderer):
+    assert chat_renderer.use_chat_template
+    r = chat_renderer.render(contract_sample())
+    assert show(r, chat_renderer.tokenizer) == GOLDEN_CHAT
+    _check_invariants(r, chat_renderer)
+    prompt = chat_renderer.encode_prompt([Message("user", "Who founded Velmora?")])
+    assert r.input_ids[: len(prompt)] == prompt
+
+
+@pytest.mark.parametrize("answer", ["a", "s", "user", "</s>"])
+def test_chat_template_answer_that_occurs_in_the_markup(chat_renderer, answer):
+    s = Sample("x", (Message("user", "hi"), Message("assistant", answer)))
+    text = show(chat_renderer.render(s), chat_renderer.tokenizer)
+    assert text.startswith("«CTX|<|user|>hi</s>\n<|assistant|>»«GEN|")  # not matched inside "<|assistant|>"
+    assert text.endswith(f"{answer}</s>»«CTX|\n»")
+
+
+def test_color_visualisation_marks_roles(renderer, tiny_tokenizer):
+    text = show(renderer.render(contract_sample()), tiny_tokenizer, color=True)
+    assert "[bold magenta reverse][RQ][/]" in text and "[bold green]Ilsa Brandt</s>[/]" in text
+
+
+def test_labels_only_on_gen(renderer):
+    r = renderer.render(contract_sample())
+    gen = [t for t, role in enumerate(r.roles) if role == GEN]
+    trained = [t for t, label in enumerate(r.lm_labels) if label != IGNORE_INDEX]
+    assert trained == sorted([*gen, *r.ret_positions])  # [RQ] itself is generated (trained)
+    answer = renderer.encode_chunk("Ilsa Brandt") + [renderer.ids.eos]
+    assert [r.input_ids[t] for t in gen] == answer
+
+
+def test_query_logits_not_trained_when_paragraph_follows(renderer):
+    r = renderer.render(contract_sample())
+    (p,) = r.ret_positions
+    assert r.input_ids[p + 1] == renderer.ids.open
+    assert r.lm_labels[p + 1] == IGNORE_INDEX  # the logits AT [RQ] predict <paragraph>: not trained
+    assert r.lm_labels[p] == renderer.ids.query  # the logits before [RQ] learn to emit it
+
+
+def test_link_mode_trains_token_after_query(renderer):
+    s = Sample("e", (Message("user", "Link: Orla Venn spoke."),
+                     Message("assistant", "[[Orla Venn]][RQ] spoke.")), (Retrieval(("d1",)),))
+    r = renderer.render(s)
+    (p,) = r.ret_positions
+    assert r.roles[p + 1] == GEN and r.lm_labels[p + 1] == r.input_ids[p + 1]
+    _check_invariants(r, renderer)
+    off = Renderer(renderer.tokenizer, renderer.tokens, train_after_link=False).render(s)
+    assert off.lm_labels[p + 1] == IGNORE_INDEX
+
+
+def test_paragraph_ids_appear_verbatim(renderer):
+    r = renderer.render(contract_sample())
+    para = renderer.encode_paragraph(DOC)
+    assert para[0] == renderer.ids.open and para[-1] == renderer.ids.close
+    assert _find(r.input_ids, para) == r.ret_positions[0] + 1  # what training saw = what the engine inserts
+
+
+def test_paragraph_ids_verbatim_for_every_world_sample(renderer, samples, corpus):
+    for s in samples:
+        r = renderer.render(s)
+        for p, ret in zip(r.ret_positions, s.retrievals, strict=True):
+            para = renderer.encode_paragraph(corpus[ret.positives[0]].text)
+            assert r.input_ids[p + 1:p + 1 + len(para)] == para, s.id
+
+
+def test_prompt_is_prefix_of_rendered_ids(renderer):
+    r = renderer.render(contract_sample())
+    prompt = renderer.encode_prompt([Message("user", "Who founded Velmora?")])
+    assert r.input_ids[: len(prompt)] == prompt
+    assert r.input_ids[len(prompt)] == renderer.ids.query
+
+
+def test_document_encoding_ends_with_doc_token(renderer):
+    ids = renderer.encode_document(DOC)
+    assert ids[-1] == renderer.ids.doc
+    long = renderer.encode_document(" ".join([DOC] * 100))
+    assert len(long) == renderer.doc_max_length and long[-1] == renderer.ids.doc
+
+
+def test_multi_turn_roles(renderer):
+    s = Sample("m", (Message("system", "Be brief."), Message("user", "Who?"),
+                     Message("assistant", "[RQ]<paragraph>A doc.</paragraph>Ilsa"),
+                     Message("user", "And then?"), Message("assistant", "Done")), (Retrieval(("d1",)),))
+    r = renderer.render(s)
+    _check_invariants(r, renderer)
+    text = show(r, renderer.tokenizer)
+    assert "«GEN|Ilsa</s>»" in text and "«GEN|Done</s>»" in text
+    assert "«CTX|\nUser: And then?\nAssistant:\n»" in text
+
+
+def test_query_token_inside_paragraph_is_rejected(renderer):
+    s = Sample("x", (Message("user", "q"), Message("assistant", "<paragraph>a [RQ] b</paragraph>ok")),
+               (Retrieval(("d1",)),), "train.jsonl:7")
+    with pytest.raises(OneGenError) as e:
+        renderer.render(s)
+    assert "train.jsonl:7" in str(e.value)
+
+
+# -- truncation ----------------------------------------------------------------------------------
+
+TWO_HOPS = {"id": "t2", "messages": [
+    {"role": "user", "content": "Who founded the town where Ilsa Brandt was born?"},
+    {"role": "assistant", "content": f"[RQ]<paragraph>{DOC} {DOC} {DOC}</paragraph>Velmora"
+                                     f"[RQ]<paragraph>{DOC}</paragraph>Ilsa Brandt"}],
+            "retrievals": [{"positives": ["d17"]}, {"positives": ["d17"]}]}
+
+
+@pytest.fixture
+def two_hop_sample(tmp_path):
+    corpus = Corpus([Document(i, DOC) for i in ("d17", "d3", "d9")])
+    path = write_jsonl(tmp_path / "train.jsonl", [CONTRACT_SAMPLE, TWO_HOPS])
+    return read_samples(path, "[RQ]", corpus)[1], path
+
+
+def _cut(renderer: Renderer, policy: str, max_length: int) -> Renderer:
+    return Renderer(renderer.tokenizer, renderer.tokens, max_length=max_length, on_truncation=policy)
+
+
+def _second_query_cut_length(renderer: Renderer, sample: Sample) -> int:
+    full = renderer.render(sample)
+    assert len(full.ret_positions) == 2
+    return full.ret_positions[1] - 2  # keeps the first query token, cuts the second
+
+
+@pytest.mark.parametrize("policy", ["shorten", "drop", "error"])
+def test_truncation_without_cutting_a_query_shortens(renderer, two_hop_sample, policy):
+    sample, _ = two_hop_sample
+    full = renderer.render(sample)
+    n = len(full) - 3
+    r = _cut(renderer, policy, n).render(sample)
+    assert len(r) == n and r.input_ids == full.input_ids[:n] and len(r.retrievals) == 2
+
+
+def test_truncation_shorten_drops_cut_retrievals(renderer, two_hop_sample):
+    sample, _ = two_hop_sample
+    n = _second_query_cut_length(renderer, sample)
+    cut = _cut(renderer, "shorten", n)
+    r = cut.render(sample)
+    assert len(r) == n and r.retrievals == sample.retrievals[:1]
+    assert cut.shortened == 1 and cut.dropped == 0
+    _check_invariants(r, cut)
+
+
+def test_truncation_drop(renderer, two_hop_sample):
+    sample, _ = two_hop_sample
+    cut = _cut(renderer, "drop", _second_query_cut_length(renderer, sample))
+    assert cut.render(sample) is None
+    assert cut.dropped == 1
+
+
+def test_truncation_error_names_file_and_line(renderer, two_hop_sample):
+    sample, path = two_hop_sample
+    with pytest.raises(TruncationError) as e:
+        _cut(renderer, "error", _second_query_cut_length(renderer, sample)).render(sample)
+    assert f"{path}:2" in str(e.value) and "data.max_length" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+# -- fuzz ----------------------------------------------------------------------------------------
+
+_CHARS = list("abcxyz ABC.,?!'\n\t0123456789éß漢字😀-_<>[]|/")
+_TEXT = st.lists(st.one_of(st.sampled_from(_CHARS), st.sampled_from(["</s>", "<s>", "[RD]", "<pad>"])),
+                 max_size=30).map("".join)  # never our query or paragraph strings
+_USER_TEXT = st.lists(st.one_of(_TEXT, st.sampled_from(["[RQ]", "<paragraph>x</paragraph>"])),
+                      max_size=3).map("".join)  # query tokens outside assistant turns do not count
+
+
+@st.composite
+def _samples(draw) -> tuple[Sample, int]:
+    """A random conversation: assistant turns of text, insertions ([RQ] + paragraph) and links."""
+    messages, n_queries = [], 0
+    if draw(st.booleans()):
+        messages.append(Message("system", draw(_USER_TEXT)))
+    for _ in range(draw(st.integers(1, 3))):
+        messages.append(Message("user", draw(_USER_TEXT)))
+        parts = []
+        for kind in draw(st.lists(st.sampled_from(["text", "insert", "link"]), max_size=4)):
+            if kind == "text":
+                parts.append(draw(_TEXT))
+            else:
+                n_queries += 1
+                parts.append("[RQ]" + (f"<paragraph>{draw(_TEXT)}</paragraph>" if kind == "insert" else ""))
+        messages.append(Message("assistant", "".join(parts)))
+    retrievals = tuple(Retrieval((f"d{k}",)) for k in range(n_queries))
+    return Sample("fuzz", tuple(messages), retrievals, "fuzz.jsonl:1"), draw(st.integers(8, 200))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=_samples(), chat=st.booleans())
+def test_fuzz_render(renderer, chat_renderer, case, chat):
+    sample, max_length = case
+    base = chat_renderer if chat else renderer
+    r = _cut(base, "shorten", max_length).render(sample)
+    assert r is not None and len(r) <= max_length
+    _check_invariants(r, base)
+    assert r.retrievals == sample.retrievals[: len(r.retrievals)]
+    full = base.render(sample)
+    assert len(full.ret_positions) == len(sample.retrievals)
+    for p in full.ret_positions:  # the logits at [RQ] are trained only when no paragraph follows
+        if p + 1 < len(full) and full.input_ids[p + 1] == base.ids.open:
+            assert full.lm_labels[p + 1] == IGNORE_INDEX
+    n_gen = sum(role == GEN for role in full.roles)
+    assert n_gen >= sum(m.role == "assistant" for m in sample.messages)  # every turn ends with a trained stop
+    assert full.roles[0] == CTX
