@@ -161,6 +161,8 @@ def test_missing_config_file(tmp_path):
     ("output_dir: r\n", "data.train"),
     ("output_dir: r\ndata: {train: x.jsonl}\n", "model"),
     ("output_dir: r\ndata: {train: x.jsonl}\nmodel: {scratch: {}}\n", "tokenizer"),
+    ("output_dir: r\ndata: {train: x.jsonl}\nmodel: {scratch: {}}\ntokenizer: {train: {}}\ntrain: {lora: {r: 4}}\n",
+     "train.lora"),  # a LoRA adapter of random weights could not be reloaded
 ])
 def test_validate_for_training_names_missing_key(tmp_path, text, key):
     c = TrainConfig.from_yaml(_write(tmp_path, text))

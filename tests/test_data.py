@@ -195,6 +195,14 @@ def test_retrievals_without_corpus(tmp_path):
     _assert_where(_error(_read, path, None), path, 1, "retrievals")
 
 
+def test_retrievals_without_corpus_when_not_required(tmp_path):
+    """For display (`onegen data show`): no corpus, so document ids are not checked."""
+    path = write_jsonl(tmp_path / "t.jsonl", [_sample(retrievals=[{"positives": ["d404"]}])])
+    assert read_samples(path, RQ, None, require_corpus=False)[0].retrievals[0].positives == ("d404",)
+    with pytest.raises(OneGenError):  # the count of query tokens is still checked
+        read_samples(write_jsonl(tmp_path / "u.jsonl", [_sample(retrievals=[])]), RQ, None, require_corpus=False)
+
+
 def test_unbalanced_paragraph(tmp_path, corpus):
     row = _sample(messages=[{"role": "user", "content": "q"},
                             {"role": "assistant", "content": f"{RQ}{OPEN}never closed"}])

@@ -124,6 +124,17 @@ def test_lora_from_train_section(tiny_model_dir, samples, corpus, tmp_path):
     _assert_same_outputs(_outputs(model, QUESTIONS), _outputs(OneGenModel.from_pretrained(out).eval(), QUESTIONS))
 
 
+def test_lora_base_path_recorded_absolute(tiny_model_dir, tmp_path, monkeypatch):
+    """An adapter saved from a model loaded by a relative path still loads from another directory."""
+    monkeypatch.chdir(tiny_model_dir.parent)
+    model = OneGenModel.from_pretrained(tiny_model_dir.name)
+    model.add_lora(LoraConfig(r=2, alpha=4, target_modules=["q_proj"]))
+    out = model.save_pretrained(tmp_path / "lora")
+    monkeypatch.chdir(tmp_path)
+    assert json.loads((out / ONEGEN_JSON).read_text())["base_model"] == str(tiny_model_dir.resolve())
+    assert OneGenModel.from_pretrained(out).is_lora
+
+
 def test_save_is_atomic_over_an_existing_dir(tiny_model, tmp_path):
     out = tmp_path / "m"
     out.mkdir()

@@ -277,3 +277,16 @@ def test_fuzz_render(renderer, chat_renderer, case, chat):
     n_gen = sum(role == GEN for role in full.roles)
     assert n_gen >= sum(m.role == "assistant" for m in sample.messages)  # every turn ends with a trained stop
     assert full.roles[0] == CTX
+
+
+# -- the visualiser command ----------------------------------------------------------------------
+
+def test_data_show_command(tmp_path, capsys):
+    """`onegen data show FILE` (no config, no corpus): the CONTRACT sample with its roles marked."""
+    from onegen.cli import main
+
+    path = write_jsonl(tmp_path / "train.jsonl", [CONTRACT_SAMPLE])
+    assert main(["data", "show", str(path), "--color", "never"]) == 0
+    out = capsys.readouterr().out.splitlines(keepends=True)
+    assert out[0].startswith("# q1 (") and "1 retrieval" in out[0]
+    assert "".join(out[1:]) == GOLDEN_BUILTIN + "\n"

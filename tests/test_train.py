@@ -1,4 +1,4 @@
-"""Tests of the training loop (onegen.train) and `onegen train`: resume, accumulation, falling losses,
+"""Tests of the training loop (onegen.trainer) and `onegen train`: resume, accumulation, falling losses,
 bad input through the CLI, the run directory's files, and tiny checkpoints of many architectures."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from onegen.cli import main
 from onegen.config import TrainConfig
-from onegen.train import CKPT_DIR, train
+from onegen.trainer import CKPT_DIR, train
 
 SCRATCH = {"architecture": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128}
 
@@ -75,7 +75,7 @@ def six_steps(qa_world, tmp_path_factory) -> Path:
 
 def test_resume_after_interruption_equals_uninterrupted(six_steps, qa_world, tmp_path, monkeypatch):
     cfg = _config(tmp_path, qa_world, train={"max_steps": 6, "save_every": 3, "warmup_steps": 2})
-    import onegen.train as train_module
+    import onegen.trainer as train_module
 
     calls = {"n": 0}
     real = train_module.Objective.__call__
@@ -357,3 +357,11 @@ def test_tiny_checkpoints_train_through_cli(model_type, plain_tokenizer, qa_worl
     assert len(model.tokenizer) == len(plain_tokenizer) + 4  # [RQ], [RD], <paragraph>, </paragraph>
     vecs = model.embed_queries(["Who founded Velmora?"])
     assert vecs.shape == (1, 64) and torch.isfinite(vecs).all()
+
+
+def test_public_train_is_the_function_after_any_import():
+    import onegen
+    import onegen.trainer  # noqa: F401  (importing the module must not shadow the API)
+
+    assert callable(onegen.train) and onegen.train is onegen.trainer.train
+    assert onegen.TrainConfig is not None and onegen.Index is not None and onegen.Engine is not None

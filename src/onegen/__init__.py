@@ -20,7 +20,7 @@ def __getattr__(name: str):
 
         return OneGenModel
     if name == "train":
-        from .train import train
+        from .trainer import train
 
         return train
     if name == "TrainConfig":

@@ -11,7 +11,7 @@ from .errors import OneGenError
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from .config import TrainConfig
-    from .train import train
+    from .trainer import train
 
     if args.workflow:
         from .compat import config_from_workflow
@@ -71,7 +71,7 @@ def _data_show(args: argparse.Namespace) -> int:
     if "entities" in first and "text" in first and "messages" not in first:
         samples = [el_to_sample(i, tokens) for i in read_el_items(args.file, corpus)]
     else:
-        samples = read_samples(args.file, tokens.query, corpus)
+        samples = read_samples(args.file, tokens.query, corpus, require_corpus=False)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     if color:
         from rich.console import Console

@@ -218,6 +218,9 @@ class TrainConfig:
         if not self.model.name_or_path and self.model.scratch is None:
             raise OneGenError("set model.name_or_path (a pretrained causal LM) or model.scratch "
                               "(an architecture to build)", field="model")
+        if self.model.scratch is not None and not self.model.name_or_path and self.train.lora is not None:
+            raise OneGenError("LoRA adapts pretrained weights: use model.name_or_path, or drop train.lora to "
+                              "train the scratch model fully", field="train.lora")
         if self.model.scratch is not None and not self.tokenizer.name_or_path and self.tokenizer.train is None:
             raise OneGenError("a scratch model needs tokenizer.name_or_path or tokenizer.train",
                               field="tokenizer")

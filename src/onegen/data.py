@@ -188,8 +188,11 @@ def read_corpus(path: str | Path) -> Corpus:
 
 
 def read_samples(path: str | Path, query_token: str, corpus: Corpus | None = None,
-                 close_token: str | None = None, open_token: str | None = None) -> list[Sample]:
-    """Read native training samples and check query tokens against retrieval entries and the corpus."""
+                 close_token: str | None = None, open_token: str | None = None,
+                 require_corpus: bool = True) -> list[Sample]:
+    """Read native training samples and check query tokens against retrieval entries and the corpus.
+
+    With `require_corpus=False` and no corpus (e.g. to display samples), document ids are not checked."""
     samples, seen = [], {}
     for row in _rows(path):
         sample_id = row.id()
@@ -205,9 +208,9 @@ def read_samples(path: str | Path, query_token: str, corpus: Corpus | None = Non
             for i, m in enumerate(messages):
                 if m.content.count(open_token) != m.content.count(close_token):
                     raise row.error(f"unbalanced {open_token} / {close_token}", f"messages[{i}].content")
-        if retrievals and corpus is None:
+        if retrievals and corpus is None and require_corpus:
             raise row.error("sample has retrievals but no corpus was given (set data.corpus)", "retrievals")
-        for k, r in enumerate(retrievals):
+        for k, r in enumerate(retrievals if corpus is not None else ()):
             for kind in ("positives", "negatives"):
                 for doc_id in getattr(r, kind):
                     if doc_id not in corpus:  # type: ignore[operator]

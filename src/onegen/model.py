@@ -93,7 +93,8 @@ class OneGenModel(nn.Module):
         init_new_embeddings(lm, tok, new_tokens, tokens)
         if device is not None:
             lm.to(device)
-        model = cls(lm, tok, tokens, max_length, doc_max_length, base_model=path)
+        base = str(Path(path).resolve()) if Path(path).is_dir() else path  # a LoRA adapter finds it from anywhere
+        model = cls(lm, tok, tokens, max_length, doc_max_length, base_model=base)
         if lora is not None:
             model.add_lora(lora)
         return model
