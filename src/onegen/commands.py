@@ -14,9 +14,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from .trainer import train
 
     if args.workflow:
-        from .compat import config_from_workflow
-
-        config = config_from_workflow(args.workflow, extra)
+        raise OneGenError("--workflow (the paper's workflow JSON) is not supported yet; write a YAML config "
+                          "(see README) instead", file=args.workflow)
     else:
         config = TrainConfig.from_yaml(args.config, extra)
     run_dir = train(config, progress=False if args.no_progress else None)
@@ -34,11 +33,7 @@ def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
         return 0
     if args.data_cmd == "show":
         return _data_show(args)
-    from .convert import convert
-
-    info = convert(args.source, args.input, args.out)
-    print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in info.items()))
-    return 0
+    raise OneGenError(f"'onegen data convert --from {args.source}' is not supported yet", file=args.input)
 
 
 def _data_show(args: argparse.Namespace) -> int:

@@ -43,9 +43,8 @@ def load_training_data(config: TrainConfig) -> tuple[Corpus | None, list[Sample]
     d, tokens = config.data, config.tokens
     corpus = read_corpus(d.corpus) if d.corpus else None
     if d.format == "onegen-original":
-        from .compat import read_original  # the paper's db.jsonl / train.jsonl
-
-        return read_original(d.train, d.corpus, tokens)
+        raise OneGenError("the paper's original db.jsonl / train.jsonl format is not supported yet; "
+                          "use data.format native", field="data.format")
     if d.task == "el":
         from .tasks import el_to_sample
 
