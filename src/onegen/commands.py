@@ -133,3 +133,10 @@ def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
     if args.what != "inference":
         raise OneGenError(f"'onegen bench {args.what}' is not implemented yet; available: inference")
     return bench_main([args.what, *args.rest])
+
+
+def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
+    from .quickstart import run_quickstart
+
+    run_quickstart(args.out)
+    return 0
