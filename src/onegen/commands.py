@@ -136,7 +136,7 @@ def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
-    from .quickstart import run_quickstart
+    from .demo import TASKS, DemoRecipe, run_demo
 
-    run_quickstart(args.out)
+    run_demo(args.out, DemoRecipe(tasks=(args.task,) if args.task else TASKS))
     return 0

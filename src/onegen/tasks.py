@@ -50,7 +50,7 @@ def extract_entities(input_text: str, output: str, tokens: TokensConfig) -> list
     mention); the k-th such mention belongs to the k-th retrieval event. Mentions that cannot be found
     in the input are skipped (their retrieval index is still consumed).
     """
-    pattern = re.compile(re.escape(MENTION_OPEN) + r"(.+?)" + re.escape(MENTION_CLOSE) + r"\s*" + re.escape(tokens.query))
+    pattern = re.compile(_spaced(MENTION_OPEN) + r"(.+?)" + _spaced(MENTION_CLOSE) + r"\s*" + re.escape(tokens.query))
     mentions, cursor = [], 0
     for k, m in enumerate(pattern.finditer(output)):
         surface = m.group(1).strip()
@@ -61,6 +61,12 @@ def extract_entities(input_text: str, output: str, tokens: TokensConfig) -> list
         mentions.append(Mention(start, end, k))
         cursor = end
     return mentions
+
+
+def _spaced(marker: str) -> str:
+    """A regex for `marker` that also matches it with spaces between its characters: WordPiece
+    tokenizers (BERT's) decode `[[` as `[ [`."""
+    return r"\s*".join(re.escape(c) for c in marker)
 
 
 def _find(text: str, surface: str, start: int) -> tuple[int, int] | None:
