@@ -97,6 +97,7 @@ class Engine:
         self.model, self.index, self.mode, self.retriever = model, index, mode, retriever
         self.corpus = corpus if corpus is not None else getattr(index, "corpus", None) or getattr(retriever, "corpus", None)
         self.use_cache = use_cache
+        self._eos = sorted(_eos_ids(model))  # looked up once, not per generated token
         self.stats = {"generator_tokens": 0, "reencode_tokens": 0, "retriever_tokens": 0, "forwards": 0,
                       "searches": 0}
 
@@ -167,9 +168,9 @@ class Engine:
                 allowed_rq = len(r.events) < max_retrievals
                 banned = never + ([] if allowed_rq else [m.ids.query])
                 if force_every:
-                    banned += [m.ids.query] + (sorted(_eos_ids(m)) if ignore_eos else [])
+                    banned += [m.ids.query] + (self._eos if ignore_eos else [])
                 elif ignore_eos:
-                    banned += sorted(_eos_ids(m))
+                    banned += self._eos
                 tok = self._next_token(logits[i], banned, do_sample, temperature, top_p, r.generator)
                 if force_every and allowed_rq and (r.n_generated + len(r.prompt)) % force_every == force_every - 1:
                     tok = m.ids.query
@@ -247,7 +248,7 @@ class Engine:
 
     def _maybe_finish(self, r: _Row, tok: int, max_new_tokens: int, stop: list[str]) -> None:
         m = self.model
-        if tok in _eos_ids(m):
+        if tok in self._eos:
             r.done, r.finish = True, "eos"
         elif r.n_generated >= max_new_tokens:
             r.done, r.finish = True, "length"
@@ -258,7 +259,7 @@ class Engine:
 
     def _result(self, r: _Row, link: bool) -> GenerationResult:
         m = self.model
-        ids = [t for t in r.stream if t not in _eos_ids(m) and t != m.ids.eos]
+        ids = [t for t in r.stream if t not in self._eos]
         text = m.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         for s in (m.tokenizer.pad_token, m.tokenizer.eos_token):
             if s:
@@ -286,6 +287,11 @@ def _as_messages(prompt: Any) -> list[Message]:
     return out
 
 
+def _last_column(rows: int, width: int, device: torch.device) -> torch.Tensor:
+    """(rows, 2) (row, position) pairs of the last column: where right-aligned rows end."""
+    return torch.stack([torch.arange(rows, device=device), torch.full((rows,), width - 1, device=device)], 1)
+
+
 class _CachedStepper:
     """Generic path for any HF causal LM: a KV cache shared by the rows, masked holes for alignment."""
 
@@ -308,7 +314,7 @@ class _CachedStepper:
         ids, new_mask = ids.to(dev), new_mask.to(dev)
         positions = (self.lengths[:, None] + new_mask.cumsum(1) - 1).clamp(min=0)  # (B, S)
         self.mask = torch.cat([self.mask, new_mask], dim=1)
-        last = torch.stack([torch.arange(len(feeds), device=dev), torch.full((len(feeds),), width - 1, device=dev)], 1)
+        last = _last_column(len(feeds), width, dev)
         hidden, logits, self.cache = self.model.run(ids, self.mask, position_ids=positions,
                                                     past_key_values=self.cache, use_cache=True, logits_at=last)
         self.lengths = self.lengths + new_mask.sum(1)
@@ -331,6 +337,6 @@ class _RecomputeStepper:
             mask[i, width - len(h):] = 1
         ids, mask = ids.to(dev), mask.to(dev)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        last = torch.stack([torch.arange(len(histories), device=dev), torch.full((len(histories),), width - 1, device=dev)], 1)
+        last = _last_column(len(histories), width, dev)
         hidden, logits, _ = self.model.run(ids, mask, position_ids=positions, logits_at=last)
         return hidden[:, -1], logits

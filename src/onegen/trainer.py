@@ -13,6 +13,7 @@ An interrupted run started again with the same config resumes from its last comp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -182,7 +183,7 @@ def train(config: TrainConfig, progress: bool | None = None) -> Path:
         for j, batch in enumerate(batches):
             sums["tokens"] += int(batch["attention_mask"].sum() + batch["doc_attention_mask"].sum())
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            ctx = accelerator.no_sync(model) if j < len(batches) - 1 else _nullcontext()
+            ctx = accelerator.no_sync(model) if j < len(batches) - 1 else contextlib.nullcontext()
             with ctx, accelerator.autocast():
                 out = model(batch)
                 terms = objective(out, batch, head, float(counts[0]), float(counts[1]), world, gather)
@@ -220,13 +221,6 @@ def train(config: TrainConfig, progress: bool | None = None) -> Path:
     accelerator.wait_for_everyone()
     return run_dir
 
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _load_history(path: Path, upto: int) -> list[dict]:
