@@ -175,3 +175,26 @@ def test_index_from_another_model_is_refused(model, corpus):
     other_index = Index.build(_model(2), corpus, progress=False)
     with pytest.raises(OneGenError):
         Engine(model, other_index, corpus=corpus)
+
+
+def test_history_retriever_with_the_generator_itself_equals_reencode(model, index, corpus):
+    """A second model re-reading the context: with the generator's own weights it must find what
+    reencode (and so onegen) finds, and it counts the re-read context as retriever tokens."""
+    from onegen.retrievers import HistoryRetriever
+
+    re = Engine(model, index, corpus=corpus, mode="reencode")
+    a = re.generate(QUESTIONS, **GEN)
+    pipe = Engine(model, None, "pipeline", HistoryRetriever(model, index), corpus)
+    b = pipe.generate(QUESTIONS, **GEN)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert [[e.doc_ids for e in r.retrievals] for r in a] == [[e.doc_ids for e in r.retrievals] for r in b]
+    assert pipe.stats["retriever_tokens"] == re.stats["reencode_tokens"] > 0
+
+
+def test_history_retriever_refuses_another_tokenizer(model, index):
+    from onegen.retrievers import HistoryRetriever
+
+    other = _model(1)
+    other.tokenizer.add_tokens(["zzextra"])
+    with pytest.raises(ValueError, match="tokenizer"):
+        Engine(model, None, "pipeline", HistoryRetriever(other, Index.build(other, Corpus(DOCS))), Corpus(DOCS))

@@ -37,11 +37,15 @@ class Collator:
         pad_id: the padding id.
         negatives: negatives per query (hard from the sample first, then random from the corpus).
         in_batch_negatives: let every document in the (gathered) batch be a candidate for every query.
+        lm: False for retrieval-only training (`loss.lm_weight: 0`): no LM targets, and each sample is
+            cut after its last query token (later tokens cannot change a causal query vector).
+        retrieval: False for generation-only training (`loss.retrieval_weight: 0`): no documents.
     """
 
     def __init__(self, corpus: Corpus | None, encode_document: Callable[[str], list[int]], pad_id: int,
-                 negatives: int = 4, in_batch_negatives: bool = True):
+                 negatives: int = 4, in_batch_negatives: bool = True, lm: bool = True, retrieval: bool = True):
         self.corpus = corpus
+        self.lm, self.retrieval = lm, retrieval
         self.encode_document = encode_document
         self.pad_id = pad_id
         self.negatives = negatives
@@ -70,17 +74,22 @@ class Collator:
         return chosen
 
     def __call__(self, samples: list[Rendered], rng: random.Random) -> dict[str, torch.Tensor]:
-        ids, mask = pad_right([s.input_ids for s in samples], self.pad_id)
+        if self.lm:
+            ids, mask = pad_right([s.input_ids for s in samples], self.pad_id)
+        else:
+            ids, mask = pad_right([s.input_ids[: max(s.ret_positions, default=0) + 1] for s in samples],
+                                  self.pad_id)
         lm_positions, lm_targets, query_positions = [], [], []
         for row, s in enumerate(samples):
-            for t in range(1, len(s.lm_labels)):
+            for t in range(1, len(s.lm_labels) if self.lm else 0):
                 if s.lm_labels[t] != IGNORE_INDEX:
                     lm_positions.append((row, t - 1))
                     lm_targets.append(s.lm_labels[t])
-            query_positions.extend((row, p) for p in s.ret_positions)
+            if self.retrieval:
+                query_positions.extend((row, p) for p in s.ret_positions)
         docs: dict[str, int] = {}
         targets, pos_keys, cand_keys = [], [], []
-        for s in samples:
+        for s in samples if self.retrieval else ():
             for r in s.retrievals:
                 positive = r.positives[rng.randrange(len(r.positives))]
                 negs = self._negatives_for(r.positives, r.negatives, rng)

@@ -119,6 +119,10 @@ class LossConfig:
             raise OneGenError("must be > 0", field="loss.temperature")
         if self.negatives < 0:
             raise OneGenError("must be >= 0", field="loss.negatives")
+        if self.lm_weight < 0 or self.retrieval_weight < 0 or self.lm_weight + self.retrieval_weight <= 0:
+            raise OneGenError("loss.lm_weight and loss.retrieval_weight must be >= 0 and not both 0 "
+                              "(0 turns that objective off: generation-only or retrieval-only training)",
+                              field="loss")
 
 
 @dataclass

@@ -94,6 +94,8 @@ class Engine:
             raise ValueError(f"{mode} mode needs an index built by the model")
         if mode != "pipeline" and hasattr(index, "check_model"):
             index.check_model(model)
+        if mode == "pipeline" and hasattr(retriever, "check_generator"):
+            retriever.check_generator(model)
         self.model, self.index, self.mode, self.retriever = model, index, mode, retriever
         self.corpus = corpus if corpus is not None else getattr(index, "corpus", None) or getattr(retriever, "corpus", None)
         self.use_cache = use_cache
@@ -200,6 +202,10 @@ class Engine:
             scores, idx = self.index.search_tensor(query_vecs.float().cpu(), top_k)
             found = [([self.index.ids[j] for j in idx[r].tolist() if j >= 0], scores[r].tolist()[: top_k])
                      for r in range(len(retrieving))]
+        elif hasattr(self.retriever, "retrieve_histories"):  # a second model re-reads the whole context
+            histories = [rows[i].history for i in retrieving]
+            found = self.retriever.retrieve_histories(histories, top_k)
+            self.stats["retriever_tokens"] += sum(len(h) for h in histories)
         else:
             texts = [self._query_text(rows[i]) for i in retrieving]
             found = self.retriever.retrieve(texts, top_k)

@@ -4,6 +4,10 @@ A retriever has `retrieve(texts, k) -> list[(doc_ids, scores)]`, `count_tokens(t
 its own model processes, for forward-pass accounting) and `corpus`.
 - `DenseRetriever`: a second model embeds the query text — another `OneGenModel` used as an encoder
   (`embed_queries`) or a sentence-transformers model from a local path — over its own index.
+- `HistoryRetriever`: a separately trained OneGen-format retriever (e.g. trained with
+  `loss.lm_weight: 0`) that re-reads the generator's whole context up to its `[RQ]` in a second forward
+  pass — the two-model system one-pass OneGen replaces. It has `retrieve_histories(token_ids, k)`
+  instead of text queries, and needs the generator's tokenizer.
 - `BM25Retriever`: lexical BM25 (`bm25s`).
 """
 
@@ -55,6 +59,33 @@ class DenseRetriever:
 
     def count_tokens(self, texts: list[str]) -> int:
         return sum(len(self.encoder.tokenizer(t)["input_ids"]) for t in texts)
+
+
+class HistoryRetriever:
+    """A second OneGen model: its hidden state at the generator's `[RQ]`, over the whole context so far.
+
+    Args:
+        model: the retriever (a `OneGenModel` with the generator's tokenizer and special tokens).
+        index: an `Index` of the corpus built by `model`.
+    """
+
+    def __init__(self, model: Any, index: Any, corpus: Corpus | None = None):
+        if hasattr(index, "check_model"):
+            index.check_model(model)
+        self.model, self.index = model, index
+        self.corpus = corpus if corpus is not None else getattr(index, "corpus", None)
+
+    def check_generator(self, generator: Any) -> None:
+        """The generator's token ids must mean the same to the retriever."""
+        if generator.tokenizer.get_vocab() != self.model.tokenizer.get_vocab():
+            raise ValueError("HistoryRetriever needs a model with the generator's tokenizer (same vocabulary "
+                             "and special tokens); use DenseRetriever for a model with its own tokenizer")
+
+    def retrieve_histories(self, histories: list[list[int]], k: int) -> list[tuple[list[str], list[float]]]:
+        vecs = self.model._embed(histories, batch_size=len(histories), progress=False, what="queries")
+        scores, idx = self.index.search_tensor(vecs, k)
+        return [([self.index.ids[j] for j in idx[r].tolist() if j >= 0], scores[r].tolist())
+                for r in range(len(histories))]
 
 
 class BM25Retriever:

@@ -127,8 +127,13 @@ def train(config: TrainConfig, progress: bool | None = None) -> Path:
     set_seed(tc.seed)
     model = build_model(config, corpus, samples, run_dir)
     rendered = render_all(model, samples)
+    lm_on, ret_on = config.loss.lm_weight > 0, config.loss.retrieval_weight > 0
+    if not lm_on:  # retrieval-only training: samples without a query token teach nothing
+        rendered = [r for r in rendered if r.ret_positions]
+        if not rendered:
+            raise OneGenError("loss.lm_weight is 0 but no training sample has a query token", field="loss.lm_weight")
     collator = Collator(corpus, model.renderer.encode_document, model.ids.pad, config.loss.negatives,
-                        config.loss.in_batch_negatives)
+                        config.loss.in_batch_negatives, lm=lm_on, retrieval=ret_on)
     objective = Objective(config.loss)
 
     global_batch = tc.batch_size * world
