@@ -47,7 +47,7 @@ def _add_index(sub) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--corpus", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--backend", choices=["flat", "faiss-flat", "faiss-hnsw", "faiss-ivf"], default="flat")
+    p.add_argument("--backend", choices=["flat", "flat-int8", "faiss-flat", "faiss-hnsw", "faiss-ivf"], default="flat")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -108,10 +109,14 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
     from .retrievers import load_encoder
 
     corpus = read_corpus(args.corpus)
-    encoder = load_encoder(args.model, args.device)
+    device = args.device
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    encoder = load_encoder(args.model, device)
     index = Index.build(encoder, corpus, backend=args.backend, batch_size=args.batch_size, progress=True)
-    index.save(args.out)
-    print(f"indexed {len(index)} documents ({args.backend}, dim {index.dim}) into {args.out}")
+    if index.rank == 0:  # a sharded build (torchrun) gives every rank the index; one writes it
+        index.save(args.out)
+        print(f"indexed {len(index)} documents ({args.backend}, dim {index.dim}) into {args.out}")
     return 0
 
 
@@ -130,8 +135,6 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
     from .bench import main as bench_main
 
-    if args.what != "inference":
-        raise OneGenError(f"'onegen bench {args.what}' is not implemented yet; available: inference")
     return bench_main([args.what, *args.rest])
 
 

@@ -265,9 +265,14 @@ class OneGenModel(nn.Module):
 
     # -- embedding ------------------------------------------------------------------------------
     @torch.no_grad()
-    def embed_documents(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> torch.Tensor:
-        """Retrieval vectors (N, D), float32 on CPU: the hidden state at each document's `[RD]` token."""
-        return self._embed([self.renderer.encode_document(t) for t in texts], batch_size, progress, "documents")
+    def embed_documents(self, texts: list[str], batch_size: int = 32, progress: bool = False,
+                        max_tokens: int | None = None) -> torch.Tensor:
+        """Retrieval vectors (N, D), float32 on CPU: the hidden state at each document's `[RD]` token.
+
+        `max_tokens` batches by a padded-token budget instead of a fixed count (see `_embed`).
+        """
+        return self._embed([self.renderer.encode_document(t) for t in texts], batch_size, progress, "documents",
+                           max_tokens=max_tokens)
 
     @torch.no_grad()
     def embed_queries(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> torch.Tensor:
@@ -277,7 +282,15 @@ class OneGenModel(nn.Module):
         seqs = [self.renderer.encode_prompt([Message("user", t)]) + [self.ids.query] for t in texts]
         return self._embed(seqs, batch_size, progress, "queries")
 
-    def _embed(self, seqs: list[list[int]], batch_size: int, progress: bool, what: str) -> torch.Tensor:
+    def _embed(self, seqs: list[list[int]], batch_size: int, progress: bool, what: str,
+               max_tokens: int | None = None) -> torch.Tensor:
+        """Last-token hidden states (N, D) of `seqs`, run in length-sorted batches (little padding).
+
+        Batches hold `batch_size` sequences, or with `max_tokens` as many as fit that budget of padded
+        tokens (rows x longest row; a longer sequence runs alone): short documents then share big
+        batches and long ones small ones. Right padding never changes a causal row, so the vectors are
+        the same whatever the batching.
+        """
         from tqdm.auto import tqdm
 
         was_training = self.training
@@ -285,8 +298,7 @@ class OneGenModel(nn.Module):
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # length-sorted: little padding
         vecs = torch.empty((len(seqs), self.hidden_size), dtype=torch.float32)
         bar = tqdm(total=len(seqs), desc=f"embedding {what}", disable=not progress, unit="seq")
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+        for idx in length_batches([len(seqs[i]) for i in order], order, batch_size, max_tokens):
             ids, mask = pad_right([seqs[i] for i in idx], self.ids.pad, self.device)
             hidden, _ = self.hidden_states(ids, mask)
             last = mask.sum(1) - 1
@@ -295,6 +307,21 @@ class OneGenModel(nn.Module):
         bar.close()
         self.train(was_training)
         return vecs
+
+
+def length_batches(sorted_lengths: list[int], order: list[int], batch_size: int,
+                   max_tokens: int | None = None) -> list[list[int]]:
+    """Split `order` (indices sorted by length, `sorted_lengths` theirs) into batches: `batch_size`
+    each, or with `max_tokens` the longest runs whose padded size (count x longest) fits the budget."""
+    if max_tokens is None:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    for i, n in zip(order, sorted_lengths, strict=True):
+        if batches and (len(batches[-1]) + 1) * n <= max_tokens:  # ascending: n is the batch's longest
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def pad_right(seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
