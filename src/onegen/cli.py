@@ -40,6 +40,11 @@ def _add_data(sub) -> None:
     s.add_argument("--from", dest="source", choices=["hotpotqa", "2wiki", "selfrag", "aida"], required=True)
     s.add_argument("input")
     s.add_argument("--out", required=True)
+    s.add_argument("--unit", choices=["paragraph", "sentence", "document"], default=None,
+                   help="corpus unit (hotpotqa, 2wiki: paragraph|sentence) or item unit (aida: document|sentence)")
+    s.add_argument("--split", choices=["train", "eval", "both"], default="both",
+                   help="which files to make of the records (AIDA's own train/testa/testb parts win)")
+    s.add_argument("--entities", help="aida: JSONL of entity descriptions (id or title, text) for the corpus")
 
 
 def _add_index(sub) -> None:

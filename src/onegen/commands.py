@@ -34,7 +34,12 @@ def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
         return 0
     if args.data_cmd == "show":
         return _data_show(args)
-    raise OneGenError(f"'onegen data convert --from {args.source}' is not supported yet", file=args.input)
+    from .convert import convert
+
+    info = convert(args.source, args.input, args.out, unit=args.unit, split=args.split, entities=args.entities)
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in info["counts"].items())
+          + "".join(f"; skipped {v}: {k}" for k, v in info["skipped"].items()))
+    return 0
 
 
 def _data_show(args: argparse.Namespace) -> int:
