@@ -120,9 +120,10 @@ def test_warm_start_leaves_other_heads_alone(fresh_model, world_texts):
 
 
 def test_demo_smoke(tmp_path, capsys):
-    """The whole demo at a tiny size: every stage runs and writes its results (numbers are meaningless)."""
+    """The whole demo at a tiny size, ablations included: every stage runs and writes its results
+    (numbers are meaningless)."""
     recipe = demo.DemoRecipe(size=20, eval_items=3, steps=2, batch_size=2, scratch_steps=2, scratch_batch_size=2,
-                             scratch_hidden=32, scratch_vocab=300, gen_batch_size=4)
+                             scratch_hidden=32, scratch_vocab=300, gen_batch_size=4, ablations=True)
     results = demo.run_demo(tmp_path, recipe, progress=False)
     run_dir = tmp_path / next(p.name for p in tmp_path.iterdir())
     saved = json.loads((run_dir / "results.json").read_text())
@@ -134,7 +135,14 @@ def test_demo_smoke(tmp_path, capsys):
         for m in rows.values():
             assert m["n"] == 3 and m["ms_per_answer"] > 0 and 0.0 <= m["f1"] <= 1.0
         assert (run_dir / f"predictions-{task}.jsonl").is_file()
-    assert "gold docs → generator" in saved["tasks"]["multihop"]
+    for task in ("qa", "multihop"):
+        assert {"gold docs → generator", "gold docs → generation-only"} <= set(saved["tasks"][task])
+    for rows in saved["tasks"].values():
+        assert rows["retrieval-only → generation-only"]["models"] == "2 LMs"
+    for name in ("ret_only", "gen_only"):  # each ablation trained on one objective only
+        final = json.loads((run_dir / f"minilm-{name}" / "summary.json").read_text())["final"]
+        assert (final["lm_loss"] == 0.0) == (name == "ret_only")
+        assert (final["retrieval_loss"] == 0.0) == (name == "gen_only")
     out = capsys.readouterr().out
     assert "What the table shows" in out and "Total time" in out
 

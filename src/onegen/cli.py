@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job on a generated world: train, index, answer, compare")
     p.add_argument("--task", choices=["qa", "multihop", "el"], default=None)
     p.add_argument("--out", default="demo_runs")
+    p.add_argument("--ablations", action="store_true",
+                   help="also train a retrieval-only and a generation-only model (the two-model system; ~+4 min)")
     p = sub.add_parser("bench", help="benchmarks (CPU-sized defaults; --device cuda for GPU sizes)")
     p.add_argument("what", choices=["inference", "train", "index"])
     p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -15,8 +15,9 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from .trainer import train
 
     if args.workflow:
-        raise OneGenError("--workflow (the paper's workflow JSON) is not supported yet; write a YAML config "
-                          "(see README) instead", file=args.workflow)
+        from .original import load_workflow
+
+        config = load_workflow(args.workflow, extra)
     else:
         config = TrainConfig.from_yaml(args.config, extra)
     run_dir = train(config, progress=False if args.no_progress else None)
@@ -51,6 +52,12 @@ def _data_show(args: argparse.Namespace) -> int:
 
     config = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
     tokens = config.tokens
+    corpus = read_corpus(config.data.corpus) if config.data.corpus else None
+    first = _first_object(args.file)  # read and check the file before loading anything
+    if "entities" in first and "text" in first and "messages" not in first:
+        samples = [el_to_sample(i, tokens) for i in read_el_items(args.file, corpus)]
+    else:
+        samples = read_samples(args.file, tokens.query, corpus, require_corpus=False)
     if args.model:
         model = OneGenModel.from_pretrained(args.model)
         tokenizer, renderer = model.tokenizer, model.renderer
@@ -67,12 +74,6 @@ def _data_show(args: argparse.Namespace) -> int:
             tokenizer = train_bpe([text], vocab_size=2000, special_tokens=tokens.strings())
         add_special_tokens(tokenizer, tokens)
         renderer = Renderer(tokenizer, tokens, config.data.max_length, "shorten")
-    corpus = read_corpus(config.data.corpus) if config.data.corpus else None
-    first = _first_object(args.file)
-    if "entities" in first and "text" in first and "messages" not in first:
-        samples = [el_to_sample(i, tokens) for i in read_el_items(args.file, corpus)]
-    else:
-        samples = read_samples(args.file, tokens.query, corpus, require_corpus=False)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     if color:
         from rich.console import Console
@@ -146,5 +147,5 @@ def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
     from .demo import TASKS, DemoRecipe, run_demo
 
-    run_demo(args.out, DemoRecipe(tasks=(args.task,) if args.task else TASKS))
+    run_demo(args.out, DemoRecipe(tasks=(args.task,) if args.task else TASKS, ablations=args.ablations))
     return 0

@@ -40,7 +40,7 @@ from .io import read_jsonl, write_json_atomic, write_jsonl_atomic
 from .metrics import el_metrics, qa_metrics
 from .model import OneGenModel, pad_right
 from .predict import prediction_record, prompts_for
-from .retrievers import BM25Retriever, DenseRetriever, SentenceEncoder
+from .retrievers import BM25Retriever, DenseRetriever, HistoryRetriever, SentenceEncoder
 from .synth import synth
 from .tasks import el_to_sample
 
@@ -83,6 +83,13 @@ class DemoRecipe:
     scratch_vocab: int = 2000
     gen_batch_size: int = 32
     tasks: tuple[str, ...] = field(default=TASKS)
+    # how many times each task's training samples appear in the mixture: two-hop answers need the most
+    # practice (deciding, after the first paragraph, whether to retrieve again)
+    task_weights: dict[str, int] = field(default_factory=lambda: {"qa": 1, "multihop": 2, "el": 1})
+    # also train, from the same MiniLM start with the same data and steps, a retrieval-only model
+    # (contrastive loss only) and a generation-only model (LM loss only): the two-model system OneGen
+    # replaces. Two more trainings: beyond the default's 5-minute budget, so off by default.
+    ablations: bool = False
 
 
 @dataclass
@@ -105,10 +112,13 @@ def make_world(out: Path, recipe: DemoRecipe) -> dict[str, dict[str, Any]]:
     return worlds
 
 
-def mixed_training_file(worlds: dict[str, dict[str, Any]], corpus: Corpus, out: Path) -> Path:
+def mixed_training_file(worlds: dict[str, dict[str, Any]], corpus: Corpus, out: Path,
+                        weights: dict[str, int] | None = None) -> Path:
     """All tasks' training samples in one native JSONL file; EL items become link samples whose hard
     negatives are the look-alikes named by the QA samples (or none when only EL is trained). Hard
-    negatives are only drawn when `loss.negatives` > 0; the default recipe uses in-batch ones."""
+    negatives are only drawn when `loss.negatives` > 0; the default recipe uses in-batch ones. A task
+    of weight w appears w times (copies get ids `task/id#k`)."""
+    weights = weights or {}
     look_alikes: dict[str, set[str]] = {}
     rows: list[dict[str, Any]] = []
     for task in ("qa", "multihop"):
@@ -116,14 +126,16 @@ def mixed_training_file(worlds: dict[str, dict[str, Any]], corpus: Corpus, out: 
             for _, row in read_jsonl(worlds[task]["train"]):
                 for r in row["retrievals"]:
                     look_alikes.setdefault(r["positives"][0], set()).update(r.get("negatives", []))
-                rows.append({**row, "id": f"{task}/{row['id']}"})
+                rows += [{**row, "id": f"{task}/{row['id']}" + (f"#{k}" if k else "")}
+                         for k in range(weights.get(task, 1))]
     if "el" in worlds:
         hard = {k: sorted(v) for k, v in look_alikes.items()}
         for item in read_el_items(worlds["el"]["train"], corpus):
             s = el_to_sample(item, TokensConfig(), hard)
-            rows.append({"id": f"el/{s.id}", "messages": [{"role": m.role, "content": m.content} for m in s.messages],
-                         "retrievals": [{"positives": list(r.positives), "negatives": list(r.negatives)}
-                                        for r in s.retrievals]})
+            row = {"messages": [{"role": m.role, "content": m.content} for m in s.messages],
+                   "retrievals": [{"positives": list(r.positives), "negatives": list(r.negatives)}
+                                  for r in s.retrievals]}
+            rows += [{"id": f"el/{s.id}" + (f"#{k}" if k else ""), **row} for k in range(weights.get("el", 1))]
     write_jsonl_atomic(out, rows)
     return out
 
@@ -200,8 +212,9 @@ def prepare_minilm_start(st_dir: Path, corpus: Corpus, recipe: DemoRecipe, out: 
 
 
 def train_config(recipe: DemoRecipe, train_file: Path, corpus_file: str, out: Path, scratch: bool,
-                 base: Path | None = None) -> TrainConfig:
-    """The training config of the MiniLM OneGen model (from `base`) or of the from-scratch Llama."""
+                 base: Path | None = None, lm_weight: float = 1.0, retrieval_weight: float = 1.0) -> TrainConfig:
+    """The training config of a MiniLM model (from `base`) or of the from-scratch Llama; the weights
+    0 give the ablations' retrieval-only and generation-only models."""
     r = recipe
     model = ({"scratch": {"architecture": "llama", "hidden_size": r.scratch_hidden, "num_layers": r.scratch_layers,
                           "num_heads": 4, "intermediate_size": 2 * r.scratch_hidden}} if scratch
@@ -211,7 +224,8 @@ def train_config(recipe: DemoRecipe, train_file: Path, corpus_file: str, out: Pa
         "tokenizer": {"train": {"vocab_size": r.scratch_vocab}} if scratch else {},
         "data": {"train": str(train_file), "corpus": corpus_file, "max_length": r.max_length,
                  "doc_max_length": r.doc_max_length},
-        "loss": {"temperature": r.temperature, "negatives": r.negatives},
+        "loss": {"temperature": r.temperature, "negatives": r.negatives, "lm_weight": lm_weight,
+                 "retrieval_weight": retrieval_weight},
         "train": {"max_steps": r.scratch_steps if scratch else r.steps,
                   "batch_size": r.scratch_batch_size if scratch else r.batch_size,
                   "lr": r.scratch_lr if scratch else r.lr, "warmup_steps": 10, "seed": r.seed, "resume": False,
@@ -303,17 +317,21 @@ def evaluate(system: System, task: str, items: list, gold: list[dict], batch_siz
 
 @dataclass
 class Trained:
-    """What the evaluation needs: the two OneGen models, the embedder, their indexes, the corpus."""
+    """What the evaluation needs: the two OneGen models, the embedder, their indexes, the corpus, and
+    with ablations the retrieval-only and generation-only models."""
 
     onegen: OneGenModel
     tiny: OneGenModel
     embedder: SentenceEncoder
     indexes: dict[str, Index]
     corpus: Corpus
+    ret_only: OneGenModel | None = None
+    gen_only: OneGenModel | None = None
 
 
-def load_trained(minilm_run: Path, scratch_run: Path, st_dir: Path, corpus: Corpus, progress: bool) -> Trained:
-    """Load the trained models and the un-tuned embedder; index the corpus with each."""
+def load_trained(minilm_run: Path, scratch_run: Path, st_dir: Path, corpus: Corpus, progress: bool,
+                 ret_only_run: Path | None = None, gen_only_run: Path | None = None) -> Trained:
+    """Load the trained models and the un-tuned embedder; index the corpus with each retriever."""
     device = "cuda" if torch.cuda.is_available() else None
     onegen = OneGenModel.from_pretrained(minilm_run / "model", device=device)
     tiny = OneGenModel.from_pretrained(scratch_run / "model", device=device)
@@ -322,7 +340,12 @@ def load_trained(minilm_run: Path, scratch_run: Path, st_dir: Path, corpus: Corp
     indexes = {"onegen": Index.build(onegen, corpus, progress=progress),
                "tiny": Index.build(tiny, corpus, progress=progress),
                "embedder": Index.from_vectors(st_vecs, corpus.ids, embedder.fingerprint())}
-    return Trained(onegen, tiny, embedder, indexes, corpus)
+    t = Trained(onegen, tiny, embedder, indexes, corpus)
+    if ret_only_run is not None and gen_only_run is not None:
+        t.ret_only = OneGenModel.from_pretrained(ret_only_run / "model", device=device)
+        t.gen_only = OneGenModel.from_pretrained(gen_only_run / "model", device=device)
+        indexes["ret_only"] = Index.build(t.ret_only, corpus, progress=progress)
+    return t
 
 
 def build_systems(task: str, items: list, t: Trained) -> list[System]:
@@ -343,9 +366,18 @@ def build_systems(task: str, items: list, t: Trained) -> list[System]:
                pipeline(FocusedRetriever(DenseRetriever(t.embedder, t.indexes["embedder"]), task, questions)),
                "LM + embedder", p_onegen + n_params(t.embedder)),
     ]
-    if task == "multihop":  # the writer's ceiling: do multi-hop answers fail at retrieval or at writing?
+    if t.gen_only is not None and t.ret_only is not None:  # the two-model system, trained like OneGen
+        two = Engine(t.gen_only, None, "pipeline", HistoryRetriever(t.ret_only, t.indexes["ret_only"]), t.corpus)
+        systems.append(System("retrieval-only → generation-only", two, "2 LMs",
+                              n_params(t.gen_only) + n_params(t.ret_only)))
+    if task == "multihop" or (task == "qa" and t.gen_only is not None):
+        # the writer's ceiling: do answers fail at retrieval or at writing?
         systems.append(System("gold docs → generator", pipeline(GoldRetriever(items, t.corpus)), "LM + oracle",
                               p_onegen))
+        if t.gen_only is not None:
+            systems.append(System("gold docs → generation-only",
+                                  Engine(t.gen_only, None, "pipeline", GoldRetriever(items, t.corpus), t.corpus),
+                                  "LM + oracle", n_params(t.gen_only)))
     return systems
 
 
@@ -402,24 +434,33 @@ def _run(out_dir: str | Path, recipe: DemoRecipe, progress: bool, console: Any) 
 
     st_dir = minilm_dir()  # fail before any work when the checkpoint is missing or not the upstream one
     # 1-2. the world and the mixed training file
-    stage("world", f"1/5 generating a world of {recipe.size} entities ({', '.join(recipe.tasks)}) in {run_dir}")
+    stage("world", f"1/{5 + 2 * recipe.ablations} generating a world of {recipe.size} entities ({', '.join(recipe.tasks)}) in {run_dir}")
     worlds = make_world(run_dir / "world", recipe)
     corpus_file = next(iter(worlds.values()))["corpus"]
     corpus = read_corpus(corpus_file)
-    train_file = mixed_training_file(worlds, corpus, run_dir / "world" / "train-mixed.jsonl")
+    train_file = mixed_training_file(worlds, corpus, run_dir / "world" / "train-mixed.jsonl", recipe.task_weights)
     # 3. the two OneGen models
-    stage("minilm", f"2/5 fine-tuning all-MiniLM-L6-v2 into a OneGen model ({recipe.steps} steps of "
+    n = 7 if recipe.ablations else 5
+    stage("minilm", f"2/{n} fine-tuning all-MiniLM-L6-v2 into a OneGen model ({recipe.steps} steps of "
           f"{recipe.batch_size}, torch threads {torch.get_num_threads()})")
     start = prepare_minilm_start(st_dir, corpus, recipe, run_dir / "minilm-start")
     minilm_run = train(train_config(recipe, train_file, corpus_file, run_dir / "onegen-minilm", False, start),
                        progress=progress)
-    stage("scratch", f"3/5 training a tiny Llama from scratch on the same data ({recipe.scratch_steps} steps of "
+    stage("scratch", f"3/{n} training a tiny Llama from scratch on the same data ({recipe.scratch_steps} steps of "
           f"{recipe.scratch_batch_size})")
     scratch_run = train(train_config(recipe, train_file, corpus_file, run_dir / "onegen-scratch", True),
                         progress=progress)
+    ablation_runs: dict[str, Path] = {}
+    if recipe.ablations:
+        for step, (name, what, lm_w, ret_w) in enumerate((("ret_only", "retrieval-only (contrastive loss only)", 0.0, 1.0),
+                                                          ("gen_only", "generation-only (LM loss only)", 1.0, 0.0))):
+            stage(name, f"{4 + step}/{n} fine-tuning all-MiniLM-L6-v2 {what}, same data and steps")
+            cfg = train_config(recipe, train_file, corpus_file, run_dir / f"minilm-{name}", False, start, lm_w, ret_w)
+            ablation_runs[name] = train(cfg, progress=progress)
     # 4. every system on every task's held-out items
-    stage("eval", "4/5 indexing the corpus and answering held-out items")
-    trained = load_trained(minilm_run, scratch_run, st_dir, corpus, progress)
+    stage("eval", f"{n - 1}/{n} indexing the corpus and answering held-out items")
+    trained = load_trained(minilm_run, scratch_run, st_dir, corpus, progress, ablation_runs.get("ret_only"),
+                           ablation_runs.get("gen_only"))
     results: dict[str, Any] = {"recipe": asdict(recipe), "run_dir": str(run_dir), "tasks": {}}
     examples: dict[str, list[dict]] = {}
     for task, world in worlds.items():
@@ -436,7 +477,7 @@ def _run(out_dir: str | Path, recipe: DemoRecipe, progress: bool, console: Any) 
                 write_jsonl_atomic(run_dir / f"predictions-{task}.jsonl", preds)
         results["tasks"][task] = rows
     # 5. report
-    stage("report", "5/5 results")
+    stage("report", f"{n}/{n} results")
     results["seconds"] = time.perf_counter() - t0
     results["timings"] = timings
     print_report(console, results, examples, corpus)
@@ -449,7 +490,8 @@ def _run(out_dir: str | Path, recipe: DemoRecipe, progress: bool, console: Any) 
 
 def _timing_line(timings: dict[str, float], total: float) -> str:
     marks = list(timings.items()) + [("end", total)]
-    names = {"world": "world", "minilm": "MiniLM training", "scratch": "scratch training", "eval": "evaluation"}
+    names = {"world": "world", "minilm": "MiniLM training", "scratch": "scratch training",
+             "ret_only": "retrieval-only training", "gen_only": "generation-only training", "eval": "evaluation"}
     return ", ".join(f"{names[a]} {t1 - t0:.0f} s" for (a, t0), (_, t1) in zip(marks, marks[1:], strict=False)
                      if a in names)
 
