@@ -6,6 +6,8 @@ The CLI prints it as one line and exits non-zero, with no traceback. Anything el
 
 from __future__ import annotations
 
+MAX_MESSAGE = 600  # characters: a message that quotes a 10 MB value still prints as one short line
+
 
 class OneGenError(Exception):
     """A user error: bad input, with where it is and how to fix it.
@@ -32,4 +34,7 @@ class OneGenError(Exception):
         if self.field is not None:
             where = f"{where} field '{self.field}'" if where else f"field '{self.field}'"
         text = " ".join(self.message.split())
+        if len(text) > MAX_MESSAGE:  # keep the start (what is wrong) and the end (what to do)
+            text = f"{text[:MAX_MESSAGE * 2 // 3]} [... {len(text) - MAX_MESSAGE} characters ...] " \
+                   f"{text[-MAX_MESSAGE // 3:]}"
         return f"{where}: {text}" if where else text

@@ -351,6 +351,19 @@ def _tokens_dict(tokens: TokensConfig) -> dict[str, Any]:
             "descriptions": dict(tokens.descriptions), "extra": dict(tokens.extra)}
 
 
+def check_onegen_dir(path: str | Path) -> None:
+    """Raise `OneGenError` unless `path` is a OneGen model directory (written by `save_pretrained` or
+    `onegen train`). A plain HF checkpoint loads with `from_pretrained` as a start for training, but its
+    query and document tokens were never trained, so indexing or generating with it is a mistake."""
+    if not Path(path).exists():
+        raise OneGenError("model directory not found; pass a OneGen model directory (RUN/model of "
+                          "`onegen train`)", file=str(path))
+    if not (Path(path) / ONEGEN_JSON).is_file():
+        raise OneGenError(f"not a OneGen model directory (no {ONEGEN_JSON}): a plain checkpoint has never "
+                          "learnt the retrieval tokens; fine-tune it first with `onegen train` "
+                          f"(model.name_or_path: {path}) and use RUN/model", file=str(path))
+
+
 def _read_meta(path: str) -> dict[str, Any] | None:
     meta_path = Path(path) / ONEGEN_JSON
     if not meta_path.is_file():
@@ -376,10 +389,17 @@ def _load_causal_lm(path: str, dtype: torch.dtype | str | None, trust_remote_cod
     kwargs: dict[str, Any] = {"config": config, "trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its per-tensor bar would come before a one-line error on stderr
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise OneGenError(f"cannot load a causal LM from '{path}': {str(e).splitlines()[0]}") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def build_scratch_lm(cfg: ModelConfig, tokenizer) -> nn.Module:

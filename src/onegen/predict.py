@@ -54,27 +54,29 @@ def predict_file(model_dir: str, index_dir: str, input_path: str, out_path: str,
                  top_k: int = 5, max_retrievals: int = 4, device: str | None = None) -> dict[str, Any]:
     """`onegen generate`: read items, run the engine, write predictions atomically; returns stats."""
     from .index import Index
-    from .model import OneGenModel
+    from .model import OneGenModel, check_onegen_dir
     from .retrievers import BM25Retriever, DenseRetriever, load_encoder
 
-    items = read_eval_items(input_path, task)
-    model = OneGenModel.from_pretrained(model_dir, device=device)
+    items = read_eval_items(input_path, task)  # 1. inputs first (cheap): a bad file fails before any loading
+    check_onegen_dir(model_dir)
+    if mode == "pipeline" and not retriever:
+        raise OneGenError("--mode pipeline needs --retriever (a model directory, or 'bm25')")
+    index = Index.load(index_dir)
+    if index.corpus is None:
+        raise OneGenError(f"the index at {index_dir} holds no document texts; rebuild it with onegen index")
+    items = read_eval_items(input_path, task, index.corpus)  # gold ids must name documents of this index
+    model = OneGenModel.from_pretrained(model_dir, device=device)  # 2. then the models
     if mode == "pipeline":
-        if not retriever:
-            raise OneGenError("--mode pipeline needs --retriever (a model directory, or 'bm25')")
         if retriever == "bm25":
-            index = Index.load(index_dir)
             ret: Any = BM25Retriever(index.corpus)
         else:
             encoder = load_encoder(retriever, device)
-            index = Index.load(index_dir, model=encoder)
+            index.check_model(encoder)
             ret = DenseRetriever(encoder, index)
         engine = Engine(model, None, mode="pipeline", retriever=ret, corpus=index.corpus)
     else:
-        index = Index.load(index_dir, model=model)
+        index.check_model(model)
         engine = Engine(model, index, mode=mode)
-    if engine.corpus is None:
-        raise OneGenError(f"the index at {index_dir} holds no document texts; rebuild it with onegen index")
     t0 = time.perf_counter()
     records = run_engine(engine, items, task, batch_size, max_new_tokens, top_k, max_retrievals)
     write_jsonl_atomic(Path(out_path), records)

@@ -114,10 +114,11 @@ class BM25Retriever:
 
 
 def load_encoder(path: str | Path, device: str | None = None) -> Any:
-    """A OneGen model directory (or any HF causal LM), or a sentence-transformers directory."""
+    """A OneGen model directory, or a sentence-transformers directory (a plain HF checkpoint is refused)."""
     p = Path(path)
     if (p / "modules.json").is_file() and not (p / "onegen.json").is_file():
         return SentenceEncoder(p, device)
-    from .model import OneGenModel
+    from .model import OneGenModel, check_onegen_dir
 
+    check_onegen_dir(p)
     return OneGenModel.from_pretrained(p, device=device)
