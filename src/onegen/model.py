@@ -378,6 +378,8 @@ def _read_meta(path: str) -> dict[str, Any] | None:
 
 
 def _load_causal_lm(path: str, dtype: torch.dtype | str | None, trust_remote_code: bool) -> nn.Module:
+    import pickle
+
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -397,6 +399,9 @@ def _load_causal_lm(path: str, dtype: torch.dtype | str | None, trust_remote_cod
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise OneGenError(f"cannot load a causal LM from '{path}': {str(e).splitlines()[0]}") from None
+    except pickle.UnpicklingError:  # a .bin holding more than tensors: refused by weights_only, never run
+        raise OneGenError(f"cannot load a causal LM from '{path}': its weights file holds objects other than "
+                          "tensors and is not unpickled; use safetensors weights") from None
     finally:
         if bars:
             hf_logging.enable_progress_bar()

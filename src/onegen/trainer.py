@@ -14,6 +14,7 @@ An interrupted run started again with the same config resumes from its last comp
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -42,10 +43,13 @@ STATE_FILE = "trainer_state.json"
 def load_training_data(config: TrainConfig) -> tuple[Corpus | None, list[Sample]]:
     """Read and validate the corpus and the training samples named by the config."""
     d, tokens = config.data, config.tokens
+    if d.format == "onegen-original":  # the paper's db.jsonl / train.jsonl
+        from .original import read_original
+
+        if d.task != "qa":
+            raise OneGenError("the paper's train.jsonl holds samples: use data.task qa with it", field="data.task")
+        return read_original(d.train, d.corpus, tokens)
     corpus = read_corpus(d.corpus) if d.corpus else None
-    if d.format == "onegen-original":
-        raise OneGenError("the paper's original db.jsonl / train.jsonl format is not supported yet; "
-                          "use data.format native", field="data.format")
     if d.task == "el":
         from .tasks import el_to_sample
 
@@ -80,13 +84,22 @@ def build_model(config: TrainConfig, corpus: Corpus | None, samples: list[Sample
 
 
 def render_all(model: OneGenModel, samples: list[Sample]) -> list[Rendered]:
-    rendered = [r for r in (model.renderer.render(s) for s in samples) if r is not None]
+    rendered = [_drop_untargeted(r) for r in (model.renderer.render(s) for s in samples) if r is not None]
     r = model.renderer
     if r.dropped or r.shortened:
         log.warning("truncation to %d tokens: %d samples dropped, %d shortened", r.max_length, r.dropped, r.shortened)
     if not rendered:
         raise OneGenError("no training sample is left after truncation; raise data.max_length", field="data.max_length")
     return rendered
+
+
+def _drop_untargeted(r: Rendered) -> Rendered:
+    """Query tokens with no positive (the paper's null positives) stay generated but get no retrieval loss."""
+    keep = [k for k, ret in enumerate(r.retrievals) if ret.positives]
+    if len(keep) == len(r.retrievals):
+        return r
+    return dataclasses.replace(r, ret_positions=[r.ret_positions[k] for k in keep],
+                               retrievals=tuple(r.retrievals[k] for k in keep))
 
 
 def _precision(name: str) -> str:
