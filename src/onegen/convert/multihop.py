@@ -173,6 +173,12 @@ def _name(title: str) -> str:
     return _norm(_PAREN.sub("", title)) or _norm(title)
 
 
+def _find(name: str, text: str) -> int:
+    """Where `name` first occurs in `text` as whole words, or -1."""
+    m = re.search(r"(?<!\w)" + re.escape(name) + r"(?!\w)", text)
+    return m.start() if m else -1
+
+
 def order_paragraphs(question: str, answer: str, qtype: str, titles: list[str], texts: dict[str, str],
                      evidence_subjects: list[str] | None = None) -> list[str]:
     """The hop order of the supporting paragraphs `titles` (given in supporting-facts order)."""
@@ -183,12 +189,12 @@ def order_paragraphs(question: str, answer: str, qtype: str, titles: list[str], 
         return sorted(titles, key=lambda t: (first[t], rank[t]))
     q = _norm(question)
     if qtype == "comparison":
-        pos = {t: q.find(_name(t)) for t in titles}
+        pos = {t: _find(_name(t), q) for t in titles}
         return sorted(titles, key=lambda t: (pos[t] < 0, pos[t], rank[t]))
     if len(titles) != 2:
         return titles
     a, b = titles
-    a_mentions_b, b_mentions_a = _name(b) in _norm(texts[a]), _name(a) in _norm(texts[b])
+    a_mentions_b, b_mentions_a = _find(_name(b), _norm(texts[a])) >= 0, _find(_name(a), _norm(texts[b])) >= 0
     if a_mentions_b != b_mentions_a:
         return [a, b] if a_mentions_b else [b, a]
     ans = normalize_answer(answer)
@@ -196,7 +202,7 @@ def order_paragraphs(question: str, answer: str, qtype: str, titles: list[str], 
         a_has, b_has = ans in normalize_answer(texts[a]), ans in normalize_answer(texts[b])
         if a_has != b_has:
             return [b, a] if a_has else [a, b]
-    a_named, b_named = _name(a) in q, _name(b) in q
+    a_named, b_named = _find(_name(a), q) >= 0, _find(_name(b), q) >= 0
     if a_named != b_named:
         return [a, b] if a_named else [b, a]
     return titles
