@@ -327,7 +327,7 @@ def test_train_workflow_end_to_end(tmp_path, plain_tokenizer_dir, capsys, monkey
     seen = []
     real = model_module._load_causal_lm
     monkeypatch.setattr(model_module, "_load_causal_lm", lambda p, d, trust: seen.append(trust) or real(p, d, trust))
-    rc = main(["train", "--workflow", str(path), "--no-progress", "--train.max_steps", "2"])
+    rc = main(["train", "--workflow", str(path), "--no-progress", "--train.max_steps", "2", "--train.save_every", "2"])
     assert rc == 0, capsys.readouterr().err
     run = tmp_path / "output" / "tiny"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -339,6 +339,18 @@ def test_train_workflow_end_to_end(tmp_path, plain_tokenizer_dir, capsys, monkey
     assert saved.data.format == "onegen-original" and saved.loss.type == "bpr" and saved.train.max_steps == 2
     assert seen == [False]  # trust_remote_code stayed off
     assert not list(tmp_path.glob("*.cache*"))  # the paper's pickle caches are neither read nor written
+
+    # a crafted checkpoint in the run directory: resuming from it runs nothing and stops with one line
+    marker = tmp_path / "PWNED"
+    ckpt = run / "checkpoints" / "step-2"
+    for name in ("optimizer.bin", "random_states_0.pkl"):
+        assert (ckpt / name).is_file(), sorted(p.name for p in ckpt.iterdir())
+        torch.save({"state": _Payload(marker)}, ckpt / name)
+    capsys.readouterr()
+    assert main(["train", "--workflow", str(path), "--no-progress", "--train.max_steps", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "step-2: a checkpoint file holds objects other than tensors" in err and "\n" not in err, err
+    assert not marker.exists()
 
 
 def test_train_workflow_bad_input_one_line_exit_2(tmp_path, capsys):
