@@ -74,6 +74,19 @@ def test_hotpotqa_paragraphs_read_back_with_gold_hops_in_order(tmp_path):
     assert set(samples[1].retrievals[0].negatives) == {ids["Caldris"], ids["Velmora Press"]}
 
 
+def test_converted_eval_file_scores_with_onegen_eval(tmp_path, capsys):
+    """Predictions that retrieve each gold hop and give the answer score 1.0 everywhere."""
+    convert("2wiki", TWOWIKI, tmp_path, split="eval", progress=False)
+    preds = [{"id": r["id"], "output": r["answers"][0], "answer": r["answers"][0],
+              "retrievals": [{"doc_ids": hop, "scores": [1.0]} for hop in r["gold_docs"]]}
+             for r in _rows(tmp_path / "eval.jsonl")]
+    (tmp_path / "preds.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+    assert main(["eval", "--task", "qa", "--gold", str(tmp_path / "eval.jsonl"), "--pred",
+                 str(tmp_path / "preds.jsonl")]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["n"] == 2 and metrics["em"] == 1.0 and metrics["hop4_recall@1"] == 1.0
+
+
 def test_hotpotqa_sentences(tmp_path):
     info = convert("hotpotqa", HOTPOT, tmp_path, unit="sentence", progress=False)
     corpus, samples, items = _read_back(tmp_path)

@@ -50,10 +50,10 @@ def convert_multihop(records: list[Record], source: str, unit: str = "paragraph"
         question = rec.first(("question",), str)
         answer = rec.first(("answer",), (str, int, float), required=False)
         facts = _supporting_facts(rec)
-        if answer is None or not facts:
+        answer = "" if answer is None else str(answer).strip()
+        if not answer or not facts:
             out.skipped["no answer or supporting facts"] += 1
             continue
-        answer = str(answer).strip()
         gold_titles, sentences = _gold(rec, context, facts, out)
         if not gold_titles:
             out.skipped["no valid supporting facts"] += 1
@@ -174,9 +174,14 @@ def _name(title: str) -> str:
 
 
 def _find(name: str, text: str) -> int:
-    """Where `name` first occurs in `text` as whole words, or -1."""
-    m = re.search(r"(?<!\w)" + re.escape(name) + r"(?!\w)", text)
-    return m.start() if m else -1
+    """Where `name` first occurs in `text` as whole words, or -1 (plain `find`: no regex to compile)."""
+    i = text.find(name)
+    while i >= 0:
+        end = i + len(name)
+        if (i == 0 or not text[i - 1].isalnum()) and (end == len(text) or not text[end].isalnum()):
+            return i
+        i = text.find(name, i + 1)
+    return -1
 
 
 def order_paragraphs(question: str, answer: str, qtype: str, titles: list[str], texts: dict[str, str],
