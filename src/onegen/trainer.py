@@ -116,6 +116,20 @@ def _latest_checkpoint(run_dir: Path) -> Path | None:
     return max(ckpts, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
+def _remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint, its state file first: one killed half-way never looks complete."""
+    (path / STATE_FILE).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_incomplete_checkpoints(run_dir: Path) -> None:
+    """Remove what a killed run left half-written: `.step-N.tmp` dirs and checkpoints without a state file."""
+    for p in (run_dir / CKPT_DIR).glob("*step-*"):
+        if p.is_dir() and (p.name.startswith(".") or not (p / STATE_FILE).is_file()):
+            log.info("removing incomplete checkpoint %s", p)
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def _step_indices(n: int, global_batch: int, step: int, seed: int) -> list[int]:
     """The sample indices of optimizer step `step`: a slice of a per-epoch seeded permutation."""
     per_epoch = max(1, n // global_batch)
@@ -166,6 +180,7 @@ def train(config: TrainConfig, progress: bool | None = None) -> Path:
     start_step = 0
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
+        _remove_incomplete_checkpoints(run_dir)
         config.save(run_dir / "config.yaml")
         tok_dir = run_dir / "tokenizer"
         if config.model.scratch is not None and config.tokenizer.train is not None and not tok_dir.is_dir():
@@ -265,12 +280,12 @@ def _save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> None:
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps({"step": step}))
         if final.exists():
-            shutil.rmtree(final)
+            _remove_checkpoint(final)
         tmp.rename(final)
         ckpts = sorted((p for p in (run_dir / CKPT_DIR).glob("step-*") if (p / STATE_FILE).is_file()),
                        key=lambda p: int(p.name.split("-")[1]))
         for old in ckpts[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_checkpoint(old)
     accelerator.wait_for_everyone()
 
 
