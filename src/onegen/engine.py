@@ -13,8 +13,8 @@ so rows run at different phases in one batch. The two baselines share the loop: 
 model re-encodes the whole context in a second pass at each `[RQ]`, GritLM-style) and `pipeline` (a
 separate retriever embeds the query text). `stats` counts the tokens each model processed.
 
-The step itself is behind `_CachedStepper` / `_RecomputeStepper` so that a fast path (static cache,
-CUDA graphs) can replace it with the same interface; both must give the same tokens.
+The step itself is behind `_CachedStepper` / `_RecomputeStepper`; the fast path (`fastpath`: static
+slot cache, CUDA graphs) replaces it with the same interface and gives the same tokens.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .data import Message
+from .fastpath import FastDecoder, fast_decoder
 from .model import OneGenModel
 from .tasks import extract_answer
 
@@ -82,10 +83,13 @@ class Engine:
         mode: `onegen`, `pipeline` (needs `retriever`) or `reencode`.
         retriever: pipeline mode: an object with `retrieve(texts, k) -> list[(ids, scores)]`.
         use_cache: False recomputes the full sequence at every step (for equivalence tests).
+        fast: the fast path (`onegen.fastpath`: static slot cache, CUDA graphs): None = when on CUDA and
+            the model is supported, True = required (error if unsupported), False = the generic path; a
+            `FastDecoder` is used as given (warmed-up graphs shared between engines).
     """
 
     def __init__(self, model: OneGenModel, index: Any = None, mode: str = "onegen", retriever: Any = None,
-                 corpus: Any = None, use_cache: bool = True):
+                 corpus: Any = None, use_cache: bool = True, fast: bool | FastDecoder | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "pipeline" and retriever is None:
@@ -99,6 +103,9 @@ class Engine:
         self.model, self.index, self.mode, self.retriever = model, index, mode, retriever
         self.corpus = corpus if corpus is not None else getattr(index, "corpus", None) or getattr(retriever, "corpus", None)
         self.use_cache = use_cache
+        if fast and not use_cache:
+            raise ValueError("fast=True needs use_cache=True")
+        self._fast = fast_decoder(model, fast) if use_cache else None
         self._eos = sorted(_eos_ids(model))  # looked up once, not per generated token
         self.stats = {"generator_tokens": 0, "reencode_tokens": 0, "retriever_tokens": 0, "forwards": 0,
                       "searches": 0}
@@ -144,7 +151,11 @@ class Engine:
             ids = m.renderer.encode_prompt(messages, assistant_prefix)
             gen = torch.Generator().manual_seed(seed + offset + i) if do_sample else None
             rows.append(_Row(ids, list(ids), messages, generator=gen, max_new=max_new_tokens[i]))
-        stepper = (_CachedStepper if self.use_cache else _RecomputeStepper)(m, len(rows))
+        stepper = None
+        if self._fast is not None:  # cache room: prompt + generated + inserted paragraphs, per row
+            inserts = 0 if link else max_retrievals * (m.renderer.doc_max_length + 2)
+            stepper = self._fast.stepper(len(rows), max(len(r.prompt) + r.max_new for r in rows) + inserts)
+        stepper = stepper or (_CachedStepper if self.use_cache else _RecomputeStepper)(m, len(rows))
         never = [m.ids.open, m.ids.close, m.ids.doc]  # inserted by the engine, never generated
         while not all(r.done for r in rows):
             # 1. one forward over every row's pending tokens

@@ -1,0 +1,228 @@
+"""Fast path == generic path: the compact forward over HF weights, the slot cache and the bucketed
+decode step give the same tokens, retrievals and query vectors as `_CachedStepper`, for tiny Llama,
+Mistral, Qwen2 and Qwen3 models (GQA, tied and untied heads, llama3 RoPE, attention bias, q/k norms).
+Unsupported structures are detected (auto falls back, forcing raises). The CUDA-graph replay itself is
+checked by the `gpu` test at the end."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from onegen import fastpath
+from onegen.config import LoraConfig, ModelConfig, ScratchConfig, TokenizerConfig, TokensConfig
+from onegen.data import Corpus, Document, Message
+from onegen.engine import Engine, _CachedStepper
+from onegen.fastpath import FastDecoder, FastPathUnsupported, _FastStepper, unsupported_reason
+from onegen.index import Index
+from onegen.model import OneGenModel
+from onegen.tokenizer import train_bpe
+
+DOCS = [Document(f"d{i}", text) for i, text in enumerate([
+    "Velmora was founded by Ilsa Brandt in 1901.", "Ilsa Brandt was born in Caldris.",
+    "Caldris is a town in Ostria.", "Orla Venn is a painter from Velmora.",
+    "Kerrin Brandt founded Brandt Works in 1850.", "Ostria is a region in the north."])]
+QUESTIONS = ["Who founded Velmora?", "Where was Ilsa Brandt born, and in which region is that town?",
+             "Which town is Orla Venn from?", "When was Brandt Works founded by Kerrin Brandt?", "Ostria?"]
+LIMITS = [20, 5, 14, 9, 17]  # rows finish at different steps; 5 rows fill a bucket of 8 slots
+GEN = {"max_new_tokens": LIMITS, "force_query_every": 6, "ignore_eos": True, "max_retrievals": 3, "top_k": 3}
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+ARCHS = {  # (architecture, extra config): GQA in every one, each family's own twist
+    "llama-gqa-llama3-untied": ("llama", {"num_key_value_heads": 2, "tie_word_embeddings": False,
+                                          "rope_parameters": LLAMA3_ROPE}),
+    "mistral-gqa-tied": ("mistral", {"num_key_value_heads": 1, "tie_word_embeddings": True}),
+    "qwen2-bias": ("qwen2", {"num_key_value_heads": 2, "tie_word_embeddings": True}),
+    "qwen3-qknorm": ("qwen3", {"num_key_value_heads": 2, "tie_word_embeddings": False}),
+}
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fast_tok")
+    texts = [d.text for d in DOCS] + QUESTIONS
+    train_bpe(texts, vocab_size=300, min_frequency=1, special_tokens=TokensConfig().strings()).save_pretrained(str(out))
+    return str(out)
+
+
+def _build(tok_dir: str, arch: str, extra: dict, seed: int = 0) -> OneGenModel:
+    torch.manual_seed(seed)
+    scratch = ScratchConfig(architecture=arch, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96,
+                            extra={"num_key_value_heads": 4, **extra})
+    model = OneGenModel.from_config(ModelConfig(scratch=scratch), TokenizerConfig(name_or_path=tok_dir),
+                                    TokensConfig(), doc_max_length=32)
+    with torch.no_grad():  # HF's init leaves biases / norm weights at 0 / 1: perturb them so they matter
+        for name, p in model.hf_model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def setup(request, tok_dir):
+    arch, extra = ARCHS[request.param]
+    model = _build(tok_dir, arch, extra)
+    corpus = Corpus(DOCS)
+    return model, Index.build(model, corpus, progress=False), corpus
+
+
+def test_families_are_built_as_intended(setup):
+    model, _, _ = setup
+    cfg, w = model.hf_model.config, FastDecoder(model).w
+    assert w.n_kv < w.n_heads  # grouped-query attention
+    layer = w.layers[0]
+    if cfg.model_type == "qwen2":
+        assert layer.q[1] is not None and layer.o[1] is None
+    if cfg.model_type == "qwen3":
+        assert layer.q_norm is not None
+    tied = model.hf_model.get_output_embeddings().weight is model.hf_model.get_input_embeddings().weight
+    assert tied == bool(cfg.tie_word_embeddings)
+    if cfg.model_type == "llama":
+        assert cfg.rope_parameters["rope_type"] == "llama3"
+        assert w.inv_freq.data_ptr() == model.hf_model.model.rotary_emb.inv_freq.data_ptr()  # referenced
+    assert w.embed is model.hf_model.get_input_embeddings().weight  # weights referenced, not copied
+
+
+def test_fast_generation_equals_generic(setup):
+    model, index, corpus = setup
+    generic = Engine(model, index, corpus=corpus, fast=False)
+    fast = Engine(model, index, corpus=corpus, fast=True)
+    assert fast._fast is not None and generic._fast is None
+    a = generic.generate(QUESTIONS, keep_vectors=True, **GEN)
+    b = fast.generate(QUESTIONS, keep_vectors=True, **GEN)
+    assert [r.token_ids for r in b] == [r.token_ids for r in a]
+    assert [[e.doc_ids for e in r.retrievals] for r in b] == [[e.doc_ids for e in r.retrievals] for r in a]
+    assert [r.n_generated for r in b] == LIMITS
+    assert len({r.retrievals[0].position for r in b}) > 1  # rows retrieved at different steps
+    assert sum(r.n_inserted for r in b) > 0
+    for ra, rb in zip(a, b, strict=True):
+        for ea, eb in zip(ra.retrievals, rb.retrievals, strict=True):
+            torch.testing.assert_close(eb.query_vec, ea.query_vec, atol=1e-4, rtol=1e-4)
+
+
+def test_link_mode_and_second_call_reuse_the_cache(setup):
+    model, index, corpus = setup
+    fast = Engine(model, index, corpus=corpus, fast=True)
+    kw = {**GEN, "max_new_tokens": 12}
+    first = fast.generate(QUESTIONS[:2], link=True, **kw)
+    again = fast.generate(QUESTIONS[:2], link=True, **kw)  # stale slot contents must not leak in
+    ref = Engine(model, index, corpus=corpus, fast=False).generate(QUESTIONS[:2], link=True, **kw)
+    assert [r.token_ids for r in first] == [r.token_ids for r in again] == [r.token_ids for r in ref]
+
+
+def test_compact_forward_equals_hf_forward(setup):
+    """Prefill of unequal prompts then one-token steps: every step's hidden and logits == HF's."""
+    model, _, _ = setup
+    seqs = [model.renderer.encode_prompt([Message("user", q)]) + [5, 9, 17, 4] for q in QUESTIONS[:3]]
+    plens = [len(s) - 4 for s in seqs]
+    fast = FastDecoder(model).stepper(len(seqs), 64)
+    generic = _CachedStepper(model, len(seqs))
+    feeds = [s[:n] for s, n in zip(seqs, plens, strict=True)]
+    for k in range(5):
+        hist = [s[: n + k] for s, n in zip(seqs, plens, strict=True)]
+        h_fast, l_fast = fast.step(feeds, hist)
+        h_gen, l_gen = generic.step(feeds, hist)
+        for i, h in enumerate(hist):
+            ref, _ = model.hidden_states(torch.tensor([h]))
+            torch.testing.assert_close(h_fast[i], ref[0, -1], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(l_fast, model.logits(torch.stack(
+            [model.hidden_states(torch.tensor([h]))[0][0, -1] for h in hist])), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(l_fast, l_gen, atol=1e-4, rtol=1e-4)
+        if k < 4:
+            feeds = [[s[n + k]] for s, n in zip(seqs, plens, strict=True)]
+
+
+def test_mixed_step_prefill_and_decode_and_done_rows(setup):
+    """One step where a row decodes, one prefills a paragraph and one is done: each as alone."""
+    model, _, _ = setup
+    prompts = [model.renderer.encode_prompt([Message("user", q)]) for q in QUESTIONS[:3]]
+    para = model.renderer.encode_paragraph(DOCS[0].text)
+    st = FastDecoder(model).stepper(3, 128)
+    st.step(prompts, prompts)
+    hist = [prompts[0] + [7], prompts[1] + para, prompts[2]]
+    hidden, logits = st.step([[7], para, []], hist)
+    for i in (0, 1):
+        ref, _ = model.hidden_states(torch.tensor([hist[i]]))
+        torch.testing.assert_close(hidden[i], ref[0, -1], atol=1e-5, rtol=1e-4)
+    assert not hidden[2].any() and not logits[2].any()
+    assert st.lengths == [len(h) for h in hist]
+
+
+def test_cache_grows_mid_generation(tok_dir):
+    model = _build(tok_dir, *ARCHS["llama-gqa-llama3-untied"])
+    st = FastDecoder(model).stepper(1, 8)  # capacity 128; the sequence below needs more
+    seq = [(7 * i) % 250 + 3 for i in range(150)]
+    st.step([seq[:100]], [seq[:100]])
+    hidden, _ = st.step([seq[100:150]], [seq])
+    assert st.decoder.capacity >= 150
+    ref, _ = model.hidden_states(torch.tensor([seq]))
+    torch.testing.assert_close(hidden[0], ref[0, -1], atol=1e-5, rtol=1e-4)
+
+
+def test_unsupported_structure_falls_back_or_raises(tok_dir, monkeypatch):
+    gpt2 = _build(tok_dir, "gpt2", {})
+    reason = unsupported_reason(gpt2)
+    assert reason and "layers" in reason
+    monkeypatch.setattr(fastpath, "_auto_enabled", lambda m: True)  # auto mode as on CUDA
+    corpus = Corpus(DOCS)
+    index = Index.build(gpt2, corpus, progress=False)
+    assert Engine(gpt2, index, corpus=corpus)._fast is None  # auto: silently generic
+    with pytest.raises(FastPathUnsupported, match="layers"):
+        Engine(gpt2, index, corpus=corpus, fast=True)
+    llama = _build(tok_dir, *ARCHS["llama-gqa-llama3-untied"])
+    assert isinstance(Engine(llama, Index.build(llama, corpus, progress=False), corpus=corpus)._fast, FastDecoder)
+
+
+def test_refusals_lora_other_rope_and_silent_differences(tok_dir):
+    base = _build(tok_dir, *ARCHS["llama-gqa-llama3-untied"])
+    lora = copy.deepcopy(base)
+    lora.add_lora(LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    assert "LoRA" in unsupported_reason(lora)
+    dyn = _build(tok_dir, "llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}})
+    assert "RoPE type 'dynamic'" in unsupported_reason(dyn)
+    odd = copy.deepcopy(base)  # same structure, different maths (as a norm offset would be): the probe sees it
+    norm = odd.hf_model.model.layers[1].post_attention_layernorm
+    forward = norm.forward
+    norm.forward = lambda x: forward(x) * 1.5
+    assert "does not reproduce" in unsupported_reason(odd)
+    assert unsupported_reason(base) is None
+
+
+def test_sliding_window_must_cover_the_sequence(tok_dir):
+    model = _build(tok_dir, "mistral", {"num_key_value_heads": 2, "sliding_window": 64})
+    assert FastDecoder(model, required=False).stepper(2, 65) is None  # auto: the engine goes generic
+    with pytest.raises(FastPathUnsupported, match="sliding window"):
+        FastDecoder(model).stepper(2, 65)
+    assert isinstance(FastDecoder(model).stepper(2, 64), _FastStepper)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_give_the_generic_tokens(tok_dir):
+    """On CUDA: graph replay == eager fast path == generic path (fp32 exactly; bf16 up to argmax near-ties)."""
+    assert torch.cuda.is_available()
+    for dtype in (torch.float32, torch.bfloat16):
+        model = _build(tok_dir, *ARCHS["qwen3-qknorm"]).to("cuda", dtype)
+        corpus = Corpus(DOCS)
+        index = Index.build(model, corpus, progress=False)
+        dec = FastDecoder(model)
+        assert dec.graphs
+        dec.warmup((1, 8), 256)
+        eager = FastDecoder(model, graphs=False)
+        runs = [Engine(model, index, corpus=corpus, fast=f).generate(QUESTIONS, **GEN) for f in (dec, eager, False)]
+        assert dec._graphs  # the decode steps really replayed graphs
+        graph_ids, eager_ids, generic_ids = ([r.token_ids for r in run] for run in runs)
+        assert graph_ids == eager_ids  # the same kernels, captured or not
+        if dtype == torch.float32:
+            assert graph_ids == generic_ids
+            continue
+        for q, g, ref in zip(QUESTIONS, graph_ids, generic_ids, strict=True):
+            k = next((j for j, (x, y) in enumerate(zip(g, ref, strict=False)) if x != y), None)
+            if k is None:
+                continue
+            prompt = model.renderer.encode_prompt([Message("user", q)])
+            hidden, _ = model.hidden_states(torch.tensor([prompt + ref[:k]], device="cuda"))
+            logits = model.logits(hidden[0, -1]).float()
+            assert abs(float(logits[g[k]] - logits[ref[k]])) < 0.05 * float(logits.abs().max())  # a near-tie
