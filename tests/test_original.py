@@ -161,7 +161,7 @@ def test_workflow_maps_onto_train_config(tmp_path, caplog):
         ("bpr", 1.0, 2, False)  # the paper's BPR: raw cosines, own negatives only
     assert (cfg.loss.lm_weight, cfg.loss.retrieval_weight) == (1.0, 1.0)
     assert (cfg.tokens.query, cfg.tokens.doc, cfg.tokens.open, cfg.tokens.close) == (Q, D, "<paragraph>", "</paragraph>")
-    assert cfg.tokens.descriptions["query"] == "infomation of question" and cfg.tokens.extra == {}
+    assert cfg.tokens.descriptions["query"] == "the question to retrieve for" and cfg.tokens.extra == {}
     assert cfg.data.format == "onegen-original" and cfg.data.max_length == 256
     assert cfg.data.train == str(tmp_path / "train.jsonl") and cfg.data.corpus == str(tmp_path / "db.jsonl")
     assert cfg.output_dir == str(tmp_path / "output" / "tiny")
@@ -201,6 +201,8 @@ BAD_WORKFLOWS = [
     (lambda w: w["info-model"].update(max_len=3), "info-model.max_len", "unknown key"),
     (lambda w: w["train"].update(micro_batch_size=5), "train.micro_batch_size", "not a transformers"),
     (lambda w: w["train"].update(optim="sgd"), "train.optim", "AdamW"),
+    (lambda w: w["train"].update(learning_rate="fast"), "train.learning_rate", "expected int or float"),
+    (lambda w: w["train"].update(num_train_epochs=2.5), "train.num_train_epochs", "whole epochs"),
     (lambda w: w["info-data-train"].update(repr_token=["[RQ]"]), "info-data-train.repr_token", "RET"),
     (lambda w: w["info-data-train"].update(repr_token=[Q, D]), "info-data-train.repr_token", "exactly one"),
     (lambda w: w["info-data-db"].update(file_path=""), "info-data-db.file_path", "required"),

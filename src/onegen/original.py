@@ -204,14 +204,16 @@ _KEYS = {
     "info-model": {"model_path", "tokenizer_path", "model_type", "model_class", "max_length", "padding_side",
                    "padding_label_id", "padding_input_id"},
 }
-# HF TrainingArguments names -> (our config section, key); batch size and precision are derived below.
+# HF TrainingArguments names -> (our config section, key, JSON type); batch size and precision are derived.
+_NUM, _INT = (int, float), int
 _TRAIN_MAP = {
-    "learning_rate": ("train", "lr"), "num_train_epochs": ("train", "epochs"), "max_steps": ("train", "max_steps"),
-    "seed": ("train", "seed"), "weight_decay": ("train", "weight_decay"), "warmup_steps": ("train", "warmup_steps"),
-    "warmup_ratio": ("train", "warmup_ratio"), "max_grad_norm": ("train", "max_grad_norm"),
-    "save_steps": ("train", "save_every"), "save_total_limit": ("train", "keep_checkpoints"),
-    "logging_steps": ("train", "log_every"), "gradient_checkpointing": ("model", "gradient_checkpointing"),
-    "output_dir": (None, "output_dir"),
+    "learning_rate": ("train", "lr", _NUM), "num_train_epochs": ("train", "epochs", _NUM),
+    "max_steps": ("train", "max_steps", _INT), "seed": ("train", "seed", _INT),
+    "weight_decay": ("train", "weight_decay", _NUM), "warmup_steps": ("train", "warmup_steps", _INT),
+    "warmup_ratio": ("train", "warmup_ratio", _NUM), "max_grad_norm": ("train", "max_grad_norm", _NUM),
+    "save_steps": ("train", "save_every", _INT), "save_total_limit": ("train", "keep_checkpoints", _INT),
+    "logging_steps": ("train", "log_every", _INT), "output_dir": (None, "output_dir", str),
+    "gradient_checkpointing": ("model", "gradient_checkpointing", bool),
 }
 _TRAIN_DERIVED = {"per_device_train_batch_size", "gradient_accumulation_steps", "bf16", "fp16",
                   "lr_scheduler_type", "optim"}
@@ -414,10 +416,13 @@ def _train(w: _Workflow, cfg: dict[str, Any]) -> None:
         if key not in known:
             raise w.error("not a transformers TrainingArguments name that onegen knows", "train", key)
         if key in _TRAIN_MAP and value is not None:
-            section, name = _TRAIN_MAP[key]
-            if key == "num_train_epochs" and isinstance(value, float) and value.is_integer():
+            section, name, kind = _TRAIN_MAP[key]
+            value = w.get("train", key, kind)
+            if key == "num_train_epochs":
+                if not float(value).is_integer():
+                    raise w.error("onegen trains whole epochs; set max_steps for a part", "train", key)
                 value = int(value)
-            if key == "max_steps" and isinstance(value, int) and value <= 0:
+            if key == "max_steps" and value <= 0:
                 value = None  # HF's -1: not set
             (cfg if section is None else cfg.setdefault(section, {}))[name] = value
         elif key not in _TRAIN_DERIVED and value not in (None, False, [], "", "none"):
