@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_train import SCRATCH
 
 from onegen.cli import main
 from onegen.config import TokensConfig, TrainConfig
@@ -27,6 +26,7 @@ SELFRAG = DATA / "selfrag_eval_and_train.jsonl"
 AIDA_TSV = DATA / "aida_yago2_sample.tsv"
 EL_JSONL = DATA / "el_items.jsonl"
 TOK = TokensConfig()
+SCRATCH = {"architecture": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128}
 
 
 def _rows(path: Path | str) -> list[dict[str, Any]]:
