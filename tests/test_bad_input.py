@@ -171,8 +171,11 @@ def _assert_no_output(tmp: Path, out: str) -> None:
     assert not [p.name for p in tmp.iterdir() if p.name.startswith(".")]  # no temporary litter
 
 
-def _assert_one_line(err: str, cmd: str, where: str, field: str | None, needle: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
+def _assert_one_line(err: str, cmd: str, where: str, field: str | None, needle: str, after_work: bool = False) -> str:
+    """Exactly one stderr line, the error (`after_work`: progress bars of work done before it may precede)."""
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    if after_work:
+        lines = [line for line in lines if "%|" not in line]
     assert len(lines) == 1, err
     line = lines[0]
     assert line.startswith(f"onegen {cmd}: error: {where}"), line
@@ -328,3 +331,131 @@ def test_subprocess_exit_status_and_no_traceback(env, tmp_path):
         assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert needle in lines[0] and proc.stdout == ""
     assert (tmp_path / "preds.jsonl").read_bytes() == PREVIOUS
+
+
+# -- failing writes and interrupted index builds -------------------------------------------------
+
+def _tree(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("failing", ["replace", "fsync"])
+def test_failing_write_leaves_previous_file(env, tmp_path, capsys, monkeypatch, failing):
+    """Disk full at the last moment: one line naming the output, the previous predictions unchanged."""
+    import errno
+
+    _snapshot(tmp_path)
+    out = tmp_path / "preds.jsonl"
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == out:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(src, dst)
+
+    def fsync(fd):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    if failing == "replace":
+        monkeypatch.setattr(os, "replace", replace)
+    else:
+        monkeypatch.setattr(os, "fsync", fsync)
+    rc = main(_argv("generate", OK / "qa.jsonl", env, tmp_path))
+    captured = capsys.readouterr()
+    assert rc == 2
+    _assert_one_line(captured.err, "generate", str(out), None, "writing failed", after_work=True)
+    assert captured.out == "" and out.read_bytes() == PREVIOUS
+    assert [p.name for p in tmp_path.iterdir()] == ["preds.jsonl"]  # no temporary litter
+
+
+def test_index_save_failing_midway_keeps_previous_index(env, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import numpy as np
+
+    out = tmp_path / "idx"
+    shutil.copytree(env["index"], out)
+    before = _tree(out)
+    real_save = np.save
+
+    def half_then_full_disk(file, arr, **kwargs):
+        real_save(file, arr, **kwargs)
+        Path(file).write_bytes(Path(file).read_bytes()[:100])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(np, "save", half_then_full_disk)
+    rc = main(["index", "--model", str(env["model"]), "--corpus", str(BAD / "corpus_bom_crlf.jsonl"),
+               "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 2
+    _assert_one_line(captured.err, "index", str(out), None, "No space left on device", after_work=True)
+    monkeypatch.undo()
+    assert _tree(out) == before and len(Index.load(out)) == 6
+    assert [p.name for p in tmp_path.iterdir()] == ["idx"]  # no temporary litter
+
+
+KILLED_SAVE = '''
+import os, signal, sys
+from pathlib import Path
+import numpy as np, torch
+import onegen.io
+from onegen.index import Index
+
+out, when = sys.argv[1], sys.argv[2]
+index = Index.from_vectors(torch.randn(9, 8, generator=torch.Generator().manual_seed(1)),
+                           [f"new{i}" for i in range(9)], "another-model")
+if when == "mid-write":  # SIGKILL with the vectors half written
+    real_save = np.save
+    def save(file, arr, **kwargs):
+        real_save(file, arr, **kwargs)
+        Path(file).write_bytes(Path(file).read_bytes()[:64])
+        os.kill(os.getpid(), signal.SIGKILL)
+    np.save = save
+else:  # SIGKILL right after the new directory took the old one's place, before the old one is removed
+    real_exchange = onegen.io._exchange
+    def exchange(a, b):
+        assert real_exchange(a, b)
+        os.kill(os.getpid(), signal.SIGKILL)
+    onegen.io._exchange = exchange
+index.save(out)
+'''
+
+
+@pytest.mark.parametrize("when", ["mid-write", "after-swap"])
+def test_index_build_killed(env, tmp_path, when):
+    """SIGKILL while an index is saved over an old one: the directory holds one whole index (the old one,
+    or after the swap the new one), never half of each; the half-written temporary is refused clearly."""
+    from onegen.errors import OneGenError
+
+    out = tmp_path / "idx"
+    shutil.copytree(env["index"], out)
+    before = _tree(out)
+    proc = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(out), when], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    litter = [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert len(litter) == 1  # what SIGKILL leaves: one temporary directory, never under the target's name
+    loaded = Index.load(out)
+    if when == "mid-write":
+        assert _tree(out) == before and loaded.ids == ["d1", "d2", "d3", "d4", "d5", "d6"]
+        with pytest.raises(OneGenError, match=r"index\.json: file not found; the index is missing or corrupt, "
+                                              r"rebuild it with `onegen index`"):
+            Index.load(litter[0] / "x")
+    else:
+        assert loaded.ids == [f"new{i}" for i in range(9)] and loaded.fingerprint == "another-model"
+        assert Index.load(litter[0] / "x").ids == ["d1", "d2", "d3", "d4", "d5", "d6"]  # the old, whole
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "fallback"])
+def test_directory_replace_with_and_without_exchange(tmp_path, monkeypatch, exchange):
+    import onegen.io
+    from onegen.io import atomic_path
+
+    if not exchange:
+        monkeypatch.setattr(onegen.io, "_exchange", lambda a, b: False)
+    target = tmp_path / "d"
+    for version in ("old", "new"):
+        with atomic_path(target) as tmp:
+            tmp.mkdir()
+            (tmp / "f").write_text(version)
+    assert (target / "f").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["d"]

@@ -1,15 +1,21 @@
 """File input/output: JSONL reading with file:line errors, and atomic writes.
 
 Every write goes to a temporary file in the target's directory and is renamed over the target, so an
-interrupted write leaves the previous file (or none) and never half a file.
+interrupted write leaves the previous file (or none) and never half a file. A directory replaces the
+previous one by an atomic exchange (Linux `renameat2`), so even a kill at that moment leaves one whole
+directory; where the exchange is not available, the old one is moved aside first. A write that fails
+(disk full, no permission) is a one-line `OneGenError` naming the target.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -62,22 +68,44 @@ def read_jsonl(path: str | os.PathLike, *, allow_empty: bool = False) -> list[tu
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Give a temporary path next to `path`; on success rename it over `path`, on error remove it.
 
-    Works for a file or a directory written at the temporary path.
+    Works for a file or a directory written at the temporary path. An `OSError` while writing or
+    renaming becomes a `OneGenError` naming `path`; the previous `path` is then left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)) / "x"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)) / "x"
+    except OSError as e:
+        raise OneGenError(f"cannot write here ({e.strerror or e})", file=str(path)) from None
     try:
         yield tmp
         if path.is_dir() and tmp.is_dir():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            if not _exchange(tmp, path):  # exchanged: tmp now holds the old directory, removed below
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+    except OSError as e:
+        raise OneGenError(f"writing failed ({e.strerror or e}); the previous file, if any, is unchanged",
+                          file=str(path)) from None
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux `renameat2(RENAME_EXCHANGE)`); False where that is unsupported."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if sys.platform == "linux" else None
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):  # old kernel or file system
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
