@@ -199,30 +199,40 @@ def test_sliding_window_must_cover_the_sequence(tok_dir):
     assert isinstance(FastDecoder(model).stepper(2, 64), _FastStepper)
 
 
+def _divergence_is_a_near_tie(model, question, got, ref) -> bool:
+    """Where two bf16 runs first differ, the generic path's own scores for both choices nearly tie."""
+    k = next((j for j, (x, y) in enumerate(zip(got.token_ids, ref.token_ids, strict=False)) if x != y), None)
+    if k is None:
+        return True
+    for eg, er in zip(got.retrievals, ref.retrievals, strict=False):
+        if eg.position < k and eg.doc_ids[0] != er.doc_ids[0]:  # another document was inserted
+            return abs(er.scores[0] - er.scores[1]) <= 0.05 * abs(er.scores[0]) + 1e-3
+    prompt = model.renderer.encode_prompt([Message("user", question)])
+    hidden, _ = model.hidden_states(torch.tensor([prompt + ref.token_ids[:k]], device=model.device))
+    logits = model.logits(hidden[0, -1]).float()
+    return abs(float(logits[got.token_ids[k]] - logits[ref.token_ids[k]])) <= 0.05 * float(logits.abs().max())
+
+
 @pytest.mark.gpu
 def test_cuda_graphs_give_the_generic_tokens(tok_dir):
-    """On CUDA: graph replay == eager fast path == generic path (fp32 exactly; bf16 up to argmax near-ties)."""
+    """On CUDA: graph replay == eager fast path; == generic path in fp32, and in bf16 up to near-ties."""
     assert torch.cuda.is_available()
     for dtype in (torch.float32, torch.bfloat16):
         model = _build(tok_dir, *ARCHS["qwen3-qknorm"]).to("cuda", dtype)
         corpus = Corpus(DOCS)
         index = Index.build(model, corpus, progress=False)
+        assert isinstance(Engine(model, index, corpus=corpus)._fast, FastDecoder)  # auto: on, on CUDA
         dec = FastDecoder(model)
         assert dec.graphs
         dec.warmup((1, 8), 256)
+        captured = len(dec._graphs)
         eager = FastDecoder(model, graphs=False)
         runs = [Engine(model, index, corpus=corpus, fast=f).generate(QUESTIONS, **GEN) for f in (dec, eager, False)]
-        assert dec._graphs  # the decode steps really replayed graphs
-        graph_ids, eager_ids, generic_ids = ([r.token_ids for r in run] for run in runs)
-        assert graph_ids == eager_ids  # the same kernels, captured or not
+        assert captured == 4 and len(dec._graphs) == captured and dec.replays > 0  # warmed-up graphs replayed
+        graph, plain, generic = runs
+        assert [r.token_ids for r in graph] == [r.token_ids for r in plain]  # the same kernels, captured or not
         if dtype == torch.float32:
-            assert graph_ids == generic_ids
-            continue
-        for q, g, ref in zip(QUESTIONS, graph_ids, generic_ids, strict=True):
-            k = next((j for j, (x, y) in enumerate(zip(g, ref, strict=False)) if x != y), None)
-            if k is None:
-                continue
-            prompt = model.renderer.encode_prompt([Message("user", q)])
-            hidden, _ = model.hidden_states(torch.tensor([prompt + ref[:k]], device="cuda"))
-            logits = model.logits(hidden[0, -1]).float()
-            assert abs(float(logits[g[k]] - logits[ref[k]])) < 0.05 * float(logits.abs().max())  # a near-tie
+            assert [r.token_ids for r in graph] == [r.token_ids for r in generic]
+        else:
+            assert all(_divergence_is_a_near_tie(model, q, g, r) for q, g, r in zip(QUESTIONS, graph, generic,
+                                                                                   strict=True))

@@ -1,13 +1,10 @@
 """Fast decode path for Llama-like decoders: a compact forward over the HF model's own weights, a
 slot-based static KV cache, and the one-token decode step captured in CUDA graphs.
 
-Which models: decided from structure and config, never from architecture names. The body must have
-`layers` of `self_attn.{q,k,v,o}_proj` (+ optional per-head `q_norm`/`k_norm`), `mlp.{gate,up,down}_proj`
-with a SiLU gate, pre-norm `input_layernorm` / `post_attention_layernorm` RMSNorms, one rotary module of
-a static RoPE type (default, linear, llama3), plain `nn.Linear`/`nn.Embedding` weights (LoRA must be
-merged first), no attention soft-capping. A sliding window is accepted only while sequences fit in it.
-Then it is *proved*: the compact forward must reproduce the HF forward's hidden states and logits on a
-probe sequence (so norm offsets, embedding multipliers and the like are refused, not silently wrong).
+Which models: decided from structure and config, never from architecture names (`fastlayout`: Llama,
+Mistral, Qwen2, Qwen3 and the like). Then it is *proved*: the compact forward must reproduce the HF
+forward's hidden states and logits on a probe sequence, so norm offsets, embedding multipliers and the
+like are refused, not silently wrong. A sliding window is accepted while the sequences fit in it.
 
 The cache is one tensor (L, 2, S, H_kv, T + 1, d) in the model dtype; row i of an engine batch owns
 slot i and a length. Rows feeding several tokens (a prompt, an inserted paragraph) are prefilled
@@ -15,7 +12,8 @@ eagerly, straight into their slots. Rows feeding one token share the decode step
 [0, bb) and cache columns [0, tb), both bucketed: on CUDA each (bb, tb) is captured once as a CUDA
 graph with static buffers and replayed. Slots in the bucket that do not decode this step write into
 the spare column T, which is never read. On CPU the same code runs eagerly (what the tests exercise).
-No weight is copied: the forward reads the HF model's parameters.
+No weight is copied: the forward reads the HF model's parameters. Use: `Engine(model, index, fast=...)`,
+or build a `FastDecoder`, `warmup()` it and pass it as `fast=` (graphs captured before timing).
 """
 
 from __future__ import annotations
@@ -25,56 +23,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .errors import OneGenError
+from .fastlayout import FastPathUnsupported, layout, rms, run_layers
 from .model import OneGenModel
+
+__all__ = ["FastDecoder", "FastPathUnsupported", "fast_decoder", "unsupported_reason"]
 
 log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-ROPE_TYPES = ("default", "linear", "llama3")
-_LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
-_ATTN_PARTS = {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"}
-_MLP_PARTS = {"gate_proj", "up_proj", "down_proj"}
 _PROBE = [5, 7, 11, 3, 2, 9, 13, 4]
-
-
-class FastPathUnsupported(OneGenError):
-    """The model (or this request) cannot run on the fast path; the reason says why."""
-
-
-Linear = tuple[torch.Tensor, torch.Tensor | None]  # (weight, bias)
-Norm = tuple[torch.Tensor, float]  # (weight, eps)
-
-
-@dataclass
-class _Layer:
-    ln_attn: Norm
-    ln_mlp: Norm
-    q: Linear
-    k: Linear
-    v: Linear
-    o: Linear
-    q_norm: Norm | None
-    k_norm: Norm | None
-    gate: Linear
-    up: Linear
-    down: Linear
-
-
-@dataclass
-class _Layout:
-    embed: torch.Tensor  # (V, D)
-    layers: list[_Layer]
-    norm: Norm
-    n_heads: int
-    n_kv: int
-    head_dim: int
-    scaling: float
-    inv_freq: torch.Tensor  # the rotary module's own buffer
-    rope_scale: float
-    window: int | None  # sliding window: sequences must fit in it
 
 
 def unsupported_reason(model: OneGenModel) -> str | None:
@@ -118,12 +76,13 @@ class FastDecoder:
     def __init__(self, model: OneGenModel, graphs: bool = True, required: bool = True):
         self.model = model
         self.required = required
-        self.w = _layout(model)
+        self.w = layout(model)
         self.device, self.dtype = model.device, model.dtype
         self.graphs = graphs and self.device.type == "cuda"
         self.kv: torch.Tensor | None = None  # (L, 2, S, H_kv, T + 1, d)
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool = None
+        self.replays = 0  # decode steps served by a captured graph
         self._probe()
 
     # -- public ---------------------------------------------------------------------------------
@@ -137,28 +96,40 @@ class FastDecoder:
         return 0 if self.kv is None else self.kv.shape[4] - 1
 
     def stepper(self, n_rows: int, max_len: int | None = None) -> _FastStepper | None:
-        """A stepper for `n_rows` rows of at most `max_len` tokens each (the cache grows if needed).
+        """A stepper for `n_rows` rows of at most `max_len` tokens each.
 
-        Returns None (or raises when `required`) if `max_len` exceeds the model's sliding window."""
-        need = max_len or max(self.capacity, 256)
+        `max_len` sizes the cache when there is none yet (or too few slots); an existing cache (e.g. from
+        `warmup`) is kept and grows only when a row really needs more. Returns None (or raises when
+        `required`) if `max_len` exceeds the model's sliding window."""
+        need = max_len or 256
         if self.w.window is not None and need > self.w.window:
             msg = f"the fast path needs sequences within the sliding window ({need} > {self.w.window} tokens)"
             if self.required:
                 raise FastPathUnsupported(msg)
             log.info("fast path not used for this batch: %s", msg)
             return None
-        self.reserve(n_rows, need)
+        if self.slots < n_rows:
+            self.reserve(n_rows, need)
         return _FastStepper(self, n_rows)
 
     @torch.no_grad()
-    def reserve(self, n_rows: int, max_len: int) -> None:
-        """Make room for `n_rows` slots of `max_len` tokens (keeps what the cache holds)."""
+    def reserve(self, n_rows: int, max_len: int, min_len: int = 0) -> None:
+        """Make room for `n_rows` slots of `max_len` tokens (keeps what the cache holds). On CUDA, `max_len`
+        is cut to what fits in free memory, but never below `min_len`."""
         slots, cap = max(_batch_bucket(n_rows), self.slots), max(_round_up(max_len, 128), self.capacity)
         if slots == self.slots and cap == self.capacity:
             return
         old, self.kv = self.kv, None
         self._graphs.clear()  # graphs hold the old cache's addresses
+        self._pool = None
         w = self.w
+        if self.device.type == "cuda":  # an upper bound may not fit: take what does, grow when really needed
+            per_column = len(w.layers) * 2 * slots * w.n_kv * w.head_dim * self.w.embed.element_size()
+            free = torch.cuda.mem_get_info(self.device)[0] - (1 << 30)  # 1 GiB for activations and graphs
+            fits = (max(free, 0) // per_column - 1) // 128 * 128
+            if fits < cap:
+                log.info("KV cache: %d of the %d tokens asked for fit in GPU memory", fits, cap)
+                cap = max(fits, _round_up(min_len, 128), self.capacity)
         kv = torch.zeros((len(w.layers), 2, slots, w.n_kv, cap + 1, w.head_dim), dtype=self.dtype,
                          device=self.device)  # zeros: masked garbage must be finite (0 * NaN = NaN)
         if old is not None:
@@ -178,42 +149,40 @@ class FastDecoder:
     # -- the decode step ------------------------------------------------------------------------
     def decode(self, tokens: list[int], write_pos: list[int], attend_len: list[int], tb: int,
                graphs: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token for each of the first bb slots; returns hidden (bb, D) and logits (bb, V)."""
-        bb = len(tokens)
-        args = [torch.tensor(x, dtype=torch.long) for x in (tokens, write_pos, attend_len)]
+        """One token for each of the first bb slots, written at `write_pos` and attending over the first
+        `attend_len` columns (of at most tb); returns hidden (bb, D) and logits (bb, V)."""
+        inputs = torch.tensor([tokens, write_pos, attend_len], dtype=torch.long)  # (3, bb): one copy
         if not (self.graphs if graphs is None else graphs):
-            return self._decode(*(a.to(self.device) for a in args), tb)
-        g = self._graph(bb, tb)
-        for static, a in zip((g.tokens, g.write_pos, g.attend_len), args, strict=True):
-            static.copy_(a)
+            return self._decode(inputs.to(self.device), tb)
+        g = self._graph(len(tokens), tb)
+        g.inputs.copy_(inputs)
         g.graph.replay()
+        self.replays += 1
         return g.hidden, g.logits
 
     def _graph(self, bb: int, tb: int) -> _Graph:
         if (bb, tb) in self._graphs:
             return self._graphs[(bb, tb)]
         dev = self.device
-        tokens = torch.full((bb,), self.model.ids.pad, dtype=torch.long, device=dev)
-        write_pos = torch.full((bb,), self.capacity, dtype=torch.long, device=dev)  # the spare column
-        attend_len = torch.ones((bb,), dtype=torch.long, device=dev)
+        inputs = torch.tensor([[self.model.ids.pad] * bb, [self.capacity] * bb, [1] * bb], device=dev)  # spare column
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):  # warm-up runs outside the capture (kernel selection, workspaces)
             for _ in range(2):
-                self._decode(tokens, write_pos, attend_len, tb)
+                self._decode(inputs, tb)
         torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            hidden, logits = self._decode(tokens, write_pos, attend_len, tb)
-        self._graphs[(bb, tb)] = g = _Graph(graph, tokens, write_pos, attend_len, hidden, logits)
+            hidden, logits = self._decode(inputs, tb)
+        self._graphs[(bb, tb)] = g = _Graph(graph, inputs, hidden, logits)
         return g
 
-    def _decode(self, tokens: torch.Tensor, write_pos: torch.Tensor, attend_len: torch.Tensor, tb: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode(self, inputs: torch.Tensor, tb: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The graph body: fixed shapes, no host synchronisation."""
         w, kv = self.w, self.kv
+        tokens, write_pos, attend_len = inputs  # (bb,) each
         bb, rep = tokens.shape[0], w.n_heads // w.n_kv
         rows = torch.arange(bb, device=tokens.device)
         mask = (torch.arange(tb, device=tokens.device)[None] < attend_len[:, None])[:, None, None]  # (bb,1,1,tb)
@@ -227,8 +196,8 @@ class FastDecoder:
             return out.reshape(bb, 1, w.n_heads * w.head_dim)
 
         x = F.embedding(tokens[:, None], w.embed)  # (bb, 1, D)
-        x = self._layers(x, write_pos[:, None], attend)
-        hidden = _rms(x[:, 0], w.norm)
+        x = run_layers(self.w, x, write_pos[:, None], attend)
+        hidden = rms(x[:, 0], w.norm)
         return hidden, self.model.logits(hidden)
 
     # -- prefill --------------------------------------------------------------------------------
@@ -262,31 +231,11 @@ class FastDecoder:
             return out.view(n, w.n_kv, rep, width, w.head_dim).permute(0, 3, 1, 2, 4).reshape(
                 n, width, w.n_heads * w.head_dim)
 
-        x = self._layers(F.embedding(ids.to(dev), w.embed), pos, attend)
+        x = run_layers(self.w, F.embedding(ids.to(dev), w.embed), pos, attend)
         if all_positions:
-            return _rms(x, w.norm), None
-        hidden = _rms(x[torch.arange(n, device=dev), lens - 1], w.norm)
+            return rms(x, w.norm), None
+        hidden = rms(x[torch.arange(n, device=dev), lens - 1], w.norm)
         return hidden, self.model.logits(hidden)
-
-    # -- shared by both ---------------------------------------------------------------------------
-    def _layers(self, x: torch.Tensor, pos: torch.Tensor, attend) -> torch.Tensor:
-        """The decoder layers over x (B, S, D) at positions pos (B, S); `attend` writes K/V and attends."""
-        w = self.w
-        cos, sin = _rope(pos, w.inv_freq, w.rope_scale, x.dtype)  # (B, S, 1, d)
-        b, s = x.shape[:2]
-        for i, layer in enumerate(w.layers):
-            h = _rms(x, layer.ln_attn)
-            q = _linear(h, layer.q).view(b, s, w.n_heads, w.head_dim)
-            k = _linear(h, layer.k).view(b, s, w.n_kv, w.head_dim)
-            v = _linear(h, layer.v).view(b, s, w.n_kv, w.head_dim)
-            if layer.q_norm is not None and layer.k_norm is not None:
-                q, k = _rms(q, layer.q_norm), _rms(k, layer.k_norm)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            x = x + _linear(attend(i, q, k, v), layer.o)
-            h = _rms(x, layer.ln_mlp)
-            x = x + _linear(F.silu(_linear(h, layer.gate)) * _linear(h, layer.up), layer.down)
-        return x
 
     @torch.no_grad()
     def _probe(self) -> None:
@@ -300,7 +249,7 @@ class FastDecoder:
             ref = hf(input_ids=torch.tensor([ids], device=self.device), output_hidden_states=True, use_cache=False)
         finally:
             hf.train(was_training)
-        self.reserve(1, 16)
+        self.reserve(1, 16)  # a temporary cache: the first stepper sizes the real one
         split = len(ids) // 2
         head, _ = self.prefill([0], [ids[:split]], [0], all_positions=True)
         got = [head[0]]
@@ -316,14 +265,13 @@ class FastDecoder:
             if not err <= tol:
                 raise FastPathUnsupported(f"the compact forward does not reproduce the model's {name} "
                                           f"(relative error {err:.2g}): a layer computes something else")
+        self.kv = None
 
 
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    tokens: torch.Tensor
-    write_pos: torch.Tensor
-    attend_len: torch.Tensor
+    inputs: torch.Tensor  # (3, bb): tokens, write positions, attended lengths
     hidden: torch.Tensor
     logits: torch.Tensor
 
@@ -341,7 +289,9 @@ class _FastStepper:
         dec, n = self.decoder, len(feeds)
         need = max(length + len(f) for length, f in zip(self.lengths, feeds, strict=True))
         if need > dec.capacity:
-            dec.reserve(n, need)
+            if dec.w.window is not None and need > dec.w.window:
+                raise FastPathUnsupported(f"a row outgrew the sliding window ({need} > {dec.w.window} tokens)")
+            dec.reserve(n, max(need, 2 * dec.capacity), min_len=need)  # geometric: few re-captures
         parts: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
         # 1. rows feeding one token: the (captured) decode step over slots [0, bb)
         one = [i for i, f in enumerate(feeds) if len(f) == 1]
@@ -352,14 +302,16 @@ class _FastStepper:
                 tokens[i], write_pos[i], attend[i] = feeds[i][0], self.lengths[i], self.lengths[i] + 1
             tb = _len_bucket(max(attend), dec.capacity)
             hidden, logits = dec.decode(tokens, write_pos, attend, tb)
+            if len(one) == n:  # the common step: every row decodes (copies: graph outputs get overwritten)
+                self._advance(feeds)
+                return hidden[:n].clone(), logits[:n].clone()
             parts.append((one, hidden[one], logits[one]))
         # 2. rows feeding several tokens (prompt, inserted paragraph): prefilled eagerly into their slots
         many = [i for i, f in enumerate(feeds) if len(f) > 1]
         if many:
             hidden, logits = dec.prefill(many, [feeds[i] for i in many], [self.lengths[i] for i in many])
             parts.append((many, hidden, logits))
-        for i, f in enumerate(feeds):
-            self.lengths[i] += len(f)
+        self._advance(feeds)
         d, v = parts[0][1].shape[-1], parts[0][2].shape[-1]
         out_hidden = parts[0][1].new_zeros((n, d))
         out_logits = parts[0][2].new_zeros((n, v))
@@ -369,118 +321,9 @@ class _FastStepper:
             out_logits.index_copy_(0, index, logits)
         return out_hidden, out_logits
 
-
-# -- layout: what the HF model holds, checked ---------------------------------------------------
-
-def _layout(model: OneGenModel) -> _Layout:
-    """Reference the HF model's weights in the compact layout, or raise FastPathUnsupported."""
-    if model.is_lora:
-        raise FastPathUnsupported("the model has unmerged LoRA adapters: merge them first "
-                                  "(model.lm = model.lm.merge_and_unload()) or use the generic path")
-    if not model.head_isolated:
-        raise FastPathUnsupported("the LM head could not be isolated from the model's forward")
-    hf = model.hf_model
-    cfg = hf.config
-    body = getattr(hf, "base_model", None)
-    layers = getattr(body, "layers", None)
-    embed = hf.get_input_embeddings()
-    if not isinstance(layers, nn.ModuleList) or not len(layers) or type(embed) is not nn.Embedding:
-        raise FastPathUnsupported("the decoder has no `layers` list with a plain input embedding")
-    act = getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", None)
-    if act not in ("silu", "swish"):
-        raise FastPathUnsupported(f"the MLP activation is {act!r}, the fast path needs a SiLU-gated MLP")
-    if getattr(cfg, "attn_logit_softcapping", None) or getattr(cfg, "final_logit_softcapping", None):
-        raise FastPathUnsupported("soft-capped attention/logits are not supported by the fast path")
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    flat = isinstance(rope, dict) and not any(isinstance(v, dict) for v in rope.values())  # not per layer type
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if flat else None
-    if rope_type not in ROPE_TYPES:
-        raise FastPathUnsupported(f"RoPE type {rope_type!r} is not supported (fast path: {', '.join(ROPE_TYPES)})")
-    rotary = [m for m in body.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
-    if len(rotary) != 1:
-        raise FastPathUnsupported(f"the decoder has {len(rotary)} rotary embeddings; the fast path needs one")
-    dtype = embed.weight.dtype
-    out = [_layer(layer, i, dtype) for i, layer in enumerate(layers)]
-    attn = layers[0].self_attn
-    head_dim = getattr(attn, "head_dim", None) or getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    n_heads, n_kv = out[0].q[0].shape[0] // head_dim, out[0].k[0].shape[0] // head_dim
-    if n_heads % max(n_kv, 1) or n_kv == 0:
-        raise FastPathUnsupported(f"{n_heads} query heads cannot share {n_kv} KV heads")
-    windows = [getattr(layer.self_attn, "sliding_window", None) for layer in layers]
-    if getattr(cfg, "use_sliding_window", True) is not False:
-        windows.append(getattr(cfg, "sliding_window", None))
-    windows = [x for x in windows if isinstance(x, int) and x > 0]
-    return _Layout(embed.weight, out, _norm(getattr(body, "norm", None), "the final norm"), n_heads, n_kv,
-                   head_dim, float(getattr(attn, "scaling", head_dim ** -0.5)), rotary[0].inv_freq,
-                   float(getattr(rotary[0], "attention_scaling", 1.0) or 1.0), min(windows) if windows else None)
-
-
-def _layer(layer: nn.Module, i: int, dtype: torch.dtype) -> _Layer:
-    _only(layer, _LAYER_PARTS, f"layer {i}", required=_LAYER_PARTS)
-    attn, mlp = layer.self_attn, layer.mlp
-    _only(attn, _ATTN_PARTS, f"layer {i} attention", required={"q_proj", "k_proj", "v_proj", "o_proj"})
-    _only(mlp, _MLP_PARTS, f"layer {i} MLP", required=_MLP_PARTS)
-    has_qk_norm = getattr(attn, "q_norm", None) is not None
-    lin = {name: _linear_of(getattr(part, name), f"layer {i} {name}", dtype)
-           for part, names in ((attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
-                               (mlp, ("gate_proj", "up_proj", "down_proj"))) for name in names}
-    return _Layer(_norm(layer.input_layernorm, f"layer {i} input_layernorm"),
-                  _norm(layer.post_attention_layernorm, f"layer {i} post_attention_layernorm"),
-                  lin["q_proj"], lin["k_proj"], lin["v_proj"], lin["o_proj"],
-                  _norm(attn.q_norm, f"layer {i} q_norm") if has_qk_norm else None,
-                  _norm(attn.k_norm, f"layer {i} k_norm") if has_qk_norm else None,
-                  lin["gate_proj"], lin["up_proj"], lin["down_proj"])
-
-
-def _only(module: nn.Module, known: set[str], what: str, required: set[str]) -> None:
-    """The module's parametrised children are among `known`, and `required` ones are present."""
-    children = dict(module.named_children())
-    unknown = sorted(n for n, c in children.items() if n not in known and any(True for _ in c.parameters()))
-    missing = sorted(required - set(children))
-    if unknown or missing:
-        detail = (f"unknown parts {unknown}" if unknown else "") + (f" missing {missing}" if missing else "")
-        raise FastPathUnsupported(f"{what} is not Llama-like: {detail.strip()}")
-
-
-def _linear_of(m: nn.Module, what: str, dtype: torch.dtype) -> Linear:
-    if type(m) is not nn.Linear or type(m.weight) is not nn.Parameter or m.weight.dtype != dtype:
-        raise FastPathUnsupported(f"{what} is not a plain {dtype} nn.Linear ({type(m).__name__}); "
-                                  "merge adapters / dequantize first")
-    return m.weight, m.bias
-
-
-def _norm(m: nn.Module | None, what: str) -> Norm:
-    weight = getattr(m, "weight", None)
-    eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or getattr(m, "bias", None) is not None \
-            or not isinstance(eps, float):
-        raise FastPathUnsupported(f"{what} is not an RMSNorm with a weight and an epsilon")
-    return weight, eps
-
-
-# -- the maths, as HF computes it -----------------------------------------------------------------
-
-def _linear(x: torch.Tensor, lin: Linear) -> torch.Tensor:
-    return F.linear(x, lin[0], lin[1])
-
-
-def _rms(x: torch.Tensor, norm: Norm) -> torch.Tensor:
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm[1])
-    return norm[0] * h.to(x.dtype)
-
-
-def _rope(pos: torch.Tensor, inv_freq: torch.Tensor, scale: float, dtype: torch.dtype
-          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (B, S, 1, d) for positions (B, S): the rotary module's formula, broadcast over heads."""
-    freqs = pos[..., None].float() * inv_freq.to(device=pos.device, dtype=torch.float)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return (emb.cos() * scale).to(dtype)[:, :, None], (emb.sin() * scale).to(dtype)[:, :, None]
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    def _advance(self, feeds: list[list[int]]) -> None:
+        for i, f in enumerate(feeds):
+            self.lengths[i] += len(f)
 
 
 def _batch_bucket(n: int) -> int:
