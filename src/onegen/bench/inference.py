@@ -1,14 +1,13 @@
-"""Benchmarks behind `onegen bench` and `benchmarks/*.py`: tables on stdout, JSON + PNG on disk.
+"""`onegen bench inference`: per-answer latency of onegen vs reencode vs pipeline.
 
-`inference`: per-answer latency of onegen vs reencode vs pipeline, same generator, same forced
-retrieval schedule, measured side by side in one run (ratios are what to read: machines are noisy).
-Random-init weights are fine for speed; the schedule forces `[RQ]` so the engine does real work.
+Same generator, same forced retrieval schedule, measured side by side in one run (ratios are what to
+read: machines are noisy). Random-init weights are fine for speed; the schedule forces `[RQ]` so the
+engine does real work.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -16,12 +15,13 @@ from typing import Any
 
 import torch
 
-from .config import ModelConfig, ScratchConfig, TokenizerConfig, TokenizerTrainConfig, TokensConfig
-from .data import Corpus, Document
-from .engine import Engine
-from .index import Index
-from .model import OneGenModel
-from .retrievers import DenseRetriever
+from ..config import ModelConfig, ScratchConfig, TokenizerConfig, TokenizerTrainConfig, TokensConfig
+from ..data import Corpus, Document
+from ..engine import Engine
+from ..index import Index
+from ..model import OneGenModel
+from ..retrievers import DenseRetriever
+from .common import machine, write_outputs
 
 WORDS = ("velmora brandt caldris ostria founded town region river company painter born north south "
          "harbour mill works bridge valley").split()
@@ -85,7 +85,7 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
             row["pipeline_over_onegen"] = row["pipeline_ms"] / row["onegen_ms"]
             rows.append(row)
             print(_row_line(row), flush=True)
-    return {"benchmark": "inference", "rows": rows, "machine": _machine(device), "args": vars(args)}
+    return {"benchmark": "inference", "rows": rows, "machine": machine(device), "args": vars(args)}
 
 
 def _row_line(r: dict[str, Any]) -> str:
@@ -98,22 +98,7 @@ HEADER = (f"{'query':>6} {'ret':>4} {'onegen ms':>10} {'reencode ms':>11} {'pipe
           f"{'reenc/1g':>10} {'pipe/1g':>10} {'reenc+tok':>9} {'pipe+tok':>9}")
 
 
-def _machine(device: str) -> dict[str, Any]:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "device": device,
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "date": time.strftime("%Y-%m-%d")}
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name()
-    import transformers
-
-    info["transformers"] = transformers.__version__
-    return info
-
-
 def _plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
@@ -133,8 +118,8 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="onegen bench", description="onegen benchmarks")
-    p.add_argument("what", choices=["inference"])
+    p = argparse.ArgumentParser(prog="onegen bench inference", description="per-answer latency: onegen vs "
+                                "reencode vs pipeline")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--query-lengths", type=int, nargs="+", default=[64, 256, 1024])
     p.add_argument("--retrievals", type=int, nargs="+", default=[1, 4])
@@ -149,11 +134,5 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     print(HEADER)
     result = bench_inference(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    from .io import write_json_atomic
-
-    write_json_atomic(out / "inference.json", result)
-    _plot(result, out / "inference.png")
-    print(f"wrote {out / 'inference.json'} and {out / 'inference.png'}")
+    write_outputs(result, args.out, "inference", _plot)
     return 0
