@@ -50,10 +50,25 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
             except json.JSONDecodeError as e:
                 raise OneGenError(f"malformed JSON ({e.msg} at column {e.colno}); each line must be one "
                                   "complete JSON object", file=str(path), line=lineno) from None
+            except (RecursionError, ValueError) as e:  # nested too deeply; an integer of > 4300 digits
+                raise OneGenError(f"JSON that cannot be read ({str(e)[:120]})", file=str(path),
+                                  line=lineno) from None
             if not isinstance(obj, dict):
                 raise OneGenError(f"expected a JSON object, got {type(obj).__name__}", file=str(path),
                                   line=lineno)
+            if ("\\ud" in text or "\\uD" in text) and _has_lone_surrogate(obj):
+                raise OneGenError("a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is "
+                                  "not a character; write the text as UTF-8", file=str(path), line=lineno)
             yield lineno, obj
+
+
+def _has_lone_surrogate(obj: Any) -> bool:
+    """Whether a parsed JSON value holds a string that is not valid Unicode (tokenizers reject it)."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def read_jsonl(path: str | os.PathLike, *, allow_empty: bool = False) -> list[tuple[int, dict[str, Any]]]:
