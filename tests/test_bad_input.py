@@ -324,6 +324,7 @@ def test_subprocess_exit_status_and_no_traceback(env, tmp_path):
                  "--pred", str(OK / "pred_qa.jsonl"), cwd=tmp_path), f"{BAD / 'qa_duplicate_id.jsonl'}:2"),
         (_onegen("generate", "--model", str(env["plain"]), "--index", str(env["index"]), "--input",
                  str(OK / "qa.jsonl"), "--out", str(tmp_path / "preds.jsonl"), cwd=tmp_path), "no onegen.json"),
+        (_onegen("data", "show", "missing.jsonl", cwd=tmp_path), "missing.jsonl: file not found"),  # was a traceback
     ]
     for proc, needle in runs:
         assert proc.returncode == 2, proc.stderr
