@@ -199,6 +199,18 @@ def test_sliding_window_must_cover_the_sequence(tok_dir):
     assert isinstance(FastDecoder(model).stepper(2, 64), _FastStepper)
 
 
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_same_tokens(setup):
+    """`compile=True` (torch.compile of the decode step, minutes on CPU): same tokens as uncompiled."""
+    model, index, corpus = setup
+    if model.hf_model.config.model_type != "qwen3":
+        pytest.skip("one family is enough for the compiled variant")
+    kw = {**GEN, "max_new_tokens": [10, 4, 7]}
+    plain = Engine(model, index, corpus=corpus, fast=True).generate(QUESTIONS[:3], **kw)
+    compiled = Engine(model, index, corpus=corpus, fast=FastDecoder(model, compile=True)).generate(QUESTIONS[:3], **kw)
+    assert [r.token_ids for r in compiled] == [r.token_ids for r in plain]
+
+
 def _divergence_is_a_near_tie(model, question, got, ref) -> bool:
     """Where two bf16 runs first differ, the generic path's own scores for both choices nearly tie."""
     k = next((j for j, (x, y) in enumerate(zip(got.token_ids, ref.token_ids, strict=False)) if x != y), None)

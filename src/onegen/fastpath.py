@@ -70,10 +70,12 @@ class FastDecoder:
         model: a OneGen model whose decoder is Llama-like (see the module docstring).
         graphs: capture the decode step in CUDA graphs (CUDA only; False runs it eagerly).
         required: raise (instead of returning no stepper) when a request does not fit (sliding window).
+        compile: run the decode step through `torch.compile` (fuses the small element-wise kernels
+            before the graph capture; costs a compilation per new shape; off by default).
     Raises FastPathUnsupported with the reason when the model is not supported.
     """
 
-    def __init__(self, model: OneGenModel, graphs: bool = True, required: bool = True):
+    def __init__(self, model: OneGenModel, graphs: bool = True, required: bool = True, compile: bool = False):
         self.model = model
         self.required = required
         self.w = layout(model)
@@ -83,6 +85,7 @@ class FastDecoder:
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool = None
         self.replays = 0  # decode steps served by a captured graph
+        self._decode_fn = torch.compile(self._decode, fullgraph=True) if compile else self._decode
         self._probe()
 
     # -- public ---------------------------------------------------------------------------------
@@ -153,7 +156,7 @@ class FastDecoder:
         `attend_len` columns (of at most tb); returns hidden (bb, D) and logits (bb, V)."""
         inputs = torch.tensor([tokens, write_pos, attend_len], dtype=torch.long)  # (3, bb): one copy
         if not (self.graphs if graphs is None else graphs):
-            return self._decode(inputs.to(self.device), tb)
+            return self._decode_fn(inputs.to(self.device), tb)
         g = self._graph(len(tokens), tb)
         g.inputs.copy_(inputs)
         g.graph.replay()
@@ -171,11 +174,11 @@ class FastDecoder:
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):  # warm-up runs outside the capture (kernel selection, workspaces)
             for _ in range(2):
-                self._decode(inputs, tb)
+                self._decode_fn(inputs, tb)
         torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            hidden, logits = self._decode(inputs, tb)
+            hidden, logits = self._decode_fn(inputs, tb)
         self._graphs[(bb, tb)] = g = _Graph(graph, inputs, hidden, logits)
         return g
 
@@ -254,7 +257,7 @@ class FastDecoder:
         head, _ = self.prefill([0], [ids[:split]], [0], all_positions=True)
         got = [head[0]]
         for p in range(split, len(ids)):
-            hidden, _ = self.decode([ids[p]], [p], [p + 1], self.capacity, graphs=False)
+            hidden, _ = self._decode(torch.tensor([[ids[p]], [p], [p + 1]], device=self.device), self.capacity)
             got.append(hidden)
         got_hidden = torch.cat(got).float()
         got_logits = self.model.logits(got_hidden.to(self.dtype)).float()
