@@ -150,6 +150,7 @@ class FastDecoder:
                 self._graph(b, t)
 
     # -- the decode step ------------------------------------------------------------------------
+    @torch.no_grad()
     def decode(self, tokens: list[int], write_pos: list[int], attend_len: list[int], tb: int,
                graphs: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One token for each of the first bb slots, written at `write_pos` and attending over the first
@@ -204,6 +205,7 @@ class FastDecoder:
         return hidden, self.model.logits(hidden)
 
     # -- prefill --------------------------------------------------------------------------------
+    @torch.no_grad()
     def prefill(self, slots: list[int], feeds: list[list[int]], starts: list[int], all_positions: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Each row's new tokens written into its slot from position `starts[r]`, eagerly.
