@@ -1,5 +1,6 @@
-"""`onegen index` under `torchrun --nproc_per_node 2` (gloo on CPU): each rank embeds a strided shard,
-the vectors are gathered in corpus order, one rank writes the index, equal to a one-process build."""
+"""Index.build batching and sharding: a token-budget build equals the default one, and `onegen index`
+under `torchrun --nproc_per_node 2` (gloo on CPU) embeds a strided shard per rank, gathers the vectors
+in corpus order and writes the index once, equal to a one-process build."""
 
 from __future__ import annotations
 
@@ -52,3 +53,10 @@ def test_without_torchrun_the_build_is_one_process(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with process_group() as (rank, world):
         assert (rank, world) == (0, 1)
+
+
+def test_token_budget_build_equals_default_build(tiny_model, corpus):
+    default = Index.build(tiny_model, corpus, progress=False)
+    budget = Index.build(tiny_model, corpus, progress=False, max_tokens=64)
+    assert budget.ids == default.ids
+    torch.testing.assert_close(budget.vectors, default.vectors, atol=1e-5, rtol=1e-5)

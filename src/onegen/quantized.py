@@ -39,8 +39,11 @@ def _int8_dot(q8: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         return torch._int_mm(q8, codes.T)
     q_pad = max(32, -(-q8.shape[0] // 8) * 8) - q8.shape[0]
     c_pad = -codes.shape[0] % 8
-    out = torch._int_mm(F.pad(q8, (0, 0, 0, q_pad)), F.pad(codes, (0, 0, 0, c_pad)).T)
-    return out[: q8.shape[0], : codes.shape[0]]
+    if q_pad:
+        q8 = F.pad(q8, (0, 0, 0, q_pad))
+    if c_pad:  # only a ragged last chunk: padding copies, and the scan is bandwidth-bound
+        codes = F.pad(codes, (0, 0, 0, c_pad))
+    return torch._int_mm(q8, codes.T)[: q8.shape[0] - q_pad, : codes.shape[0] - c_pad]
 
 
 class FlatInt8Backend:
@@ -62,8 +65,10 @@ class FlatInt8Backend:
 
     def add(self, vectors: torch.Tensor) -> None:
         self.exact.add(vectors)
-        codes, scales = quantize_int8(_normalize(vectors))
-        codes, scales = codes.to(self.device), scales.to(self.device)
+        parts = [quantize_int8(_normalize(vectors[i:i + self.chunk_rows]))  # chunked: bounded temporaries
+                 for i in range(0, vectors.shape[0], self.chunk_rows)]
+        codes = torch.cat([c for c, _ in parts]).to(self.device)
+        scales = torch.cat([s for _, s in parts]).to(self.device)
         self.codes = codes if self.codes is None else torch.cat([self.codes, codes])
         self.scales = scales if self.scales is None else torch.cat([self.scales, scales])
 

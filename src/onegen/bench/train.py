@@ -64,7 +64,7 @@ def build_model(shape: str, device: str, dtype: torch.dtype, seed: int = 0) -> O
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            lm = LlamaForCausalLM(cfg)
+            lm = LlamaForCausalLM(cfg).to(dtype)
     finally:
         torch.set_default_dtype(previous)
     return OneGenModel(lm, tok, tokens, max_length=4096, doc_max_length=1024)
@@ -235,13 +235,22 @@ def _bench_model(shape: str, dtype: torch.dtype, peak: float, loss_cfg: LossConf
         row: dict[str, Any] = {"model": shape, "checkpointing": ckpt, "params_m": n_params / 1e6, "real_tokens": real,
                                "padded_tokens_naive": batch.max_length * (len(batch.answers) + len(collated["doc_keys"]))}
         for name, step in steps.items():
-            m = _measure(model, step, args)
+            try:
+                m = _measure(model, step, args)
+            except torch.OutOfMemoryError:  # the padded step at 7B without checkpointing: a result too
+                for p in model.parameters():
+                    p.grad = None
+                torch.cuda.empty_cache()
+                row.update({f"{name}_{k}": None for k in ("tok_s", "mfu", "seconds", "loss", "peak_gb", "act_gb")})
+                row[f"{name}_oom"] = True
+                continue
             row[f"{name}_tok_s"] = real / m["seconds"]
             row[f"{name}_mfu"] = 6 * n_params * real / m["seconds"] / peak
             row.update({f"{name}_{k}": v for k, v in m.items()})
-        row["speedup"] = row["onegen_tok_s"] / row["naive_tok_s"]
-        row["act_ratio"] = row["onegen_act_gb"] / row["naive_act_gb"] if row["naive_act_gb"] > 0 else None
-        row["loss_diff"] = abs(row["onegen_loss"] - row["naive_loss"])
+        both = row["naive_tok_s"] is not None and row["onegen_tok_s"] is not None
+        row["speedup"] = row["onegen_tok_s"] / row["naive_tok_s"] if both else None
+        row["act_ratio"] = row["onegen_act_gb"] / row["naive_act_gb"] if both and row["naive_act_gb"] > 0 else None
+        row["loss_diff"] = abs(row["onegen_loss"] - row["naive_loss"]) if both else None
         rows.append(row)
         print(table([row], COLUMNS).splitlines()[1], flush=True)
     return rows
@@ -261,12 +270,12 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     labels = [f"{r['model']}\nckpt {'on' if r['checkpointing'] else 'off'}" for r in rows]
     x = range(len(rows))
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    ax[0].bar([i - 0.2 for i in x], [r["naive_tok_s"] for r in rows], 0.4, label="paper-style padded step")
-    ax[0].bar([i + 0.2 for i in x], [r["onegen_tok_s"] for r in rows], 0.4, label="onegen step")
+    ax[0].bar([i - 0.2 for i in x], [r["naive_tok_s"] or 0 for r in rows], 0.4, label="paper-style padded step")
+    ax[0].bar([i + 0.2 for i in x], [r["onegen_tok_s"] or 0 for r in rows], 0.4, label="onegen step")
     ax[0].set(xticks=list(x), xticklabels=labels, ylabel="real tokens / s", title="Training step throughput")
     ax[0].legend(fontsize=7)
-    ax[1].bar([i - 0.2 for i in x], [r["naive_act_gb"] for r in rows], 0.4, label="paper-style")
-    ax[1].bar([i + 0.2 for i in x], [r["onegen_act_gb"] for r in rows], 0.4, label="onegen")
+    ax[1].bar([i - 0.2 for i in x], [r["naive_act_gb"] or 0 for r in rows], 0.4, label="paper-style (0: OOM)")
+    ax[1].bar([i + 0.2 for i in x], [r["onegen_act_gb"] or 0 for r in rows], 0.4, label="onegen")
     ax[1].set(xticks=list(x), xticklabels=labels, ylabel="GB", title="Activation memory (peak - weights - grads)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
