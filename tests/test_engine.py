@@ -198,3 +198,17 @@ def test_history_retriever_refuses_another_tokenizer(model, index):
     other.tokenizer.add_tokens(["zzextra"])
     with pytest.raises(ValueError, match="tokenizer"):
         Engine(model, None, "pipeline", HistoryRetriever(other, Index.build(other, Corpus(DOCS))), Corpus(DOCS))
+
+
+def test_sampling_batched_equals_one_by_one(model, index, corpus):
+    """Each row draws from its own seeded generator: its tokens do not depend on its batch."""
+    eng = Engine(model, index, corpus=corpus)
+    kw = {**GEN, "max_retrievals": 2, "do_sample": True, "temperature": 1.3,
+          "top_p": 0.95, "seed": 11}
+    limits = [20, 6, 14, 9]
+    batched = eng.generate(QUESTIONS, **{**kw, "max_new_tokens": limits})
+    single = [eng.generate([q], **{**kw, "max_new_tokens": n, "seed": 11 + i})[0]
+              for i, (q, n) in enumerate(zip(QUESTIONS, limits, strict=True))]
+    assert [r.token_ids for r in batched] == [r.token_ids for r in single]
+    greedy = eng.generate(QUESTIONS, **{**kw, "do_sample": False, "max_new_tokens": limits})
+    assert [r.token_ids for r in batched] != [r.token_ids for r in greedy]  # it really sampled

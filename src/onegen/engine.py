@@ -151,12 +151,9 @@ class Engine:
             ids = m.renderer.encode_prompt(messages, assistant_prefix)
             gen = torch.Generator().manual_seed(seed + offset + i) if do_sample else None
             rows.append(_Row(ids, list(ids), messages, generator=gen, max_new=max_new_tokens[i]))
-        stepper = None
-        if self._fast is not None:  # cache room: prompt + generated + inserted paragraphs, per row
-            inserts = 0 if link else max_retrievals * (m.renderer.doc_max_length + 2)
-            stepper = self._fast.stepper(len(rows), max(len(r.prompt) + r.max_new for r in rows) + inserts)
-        stepper = stepper or (_CachedStepper if self.use_cache else _RecomputeStepper)(m, len(rows))
-        never = [m.ids.open, m.ids.close, m.ids.doc]  # inserted by the engine, never generated
+        inserts = 0 if link else max_retrievals * (m.renderer.doc_max_length + 2)
+        stepper = self.new_stepper(len(rows), max(len(r.prompt) + r.max_new for r in rows) + inserts)
+        select = _TokenSelector(self, do_sample, temperature, top_p, force_every is not None, ignore_eos)
         while not all(r.done for r in rows):
             # 1. one forward over every row's pending tokens
             hidden, logits = stepper.step([r.feed if not r.done else [] for r in rows],
@@ -168,24 +165,23 @@ class Engine:
                           and r.n_generated and r.stream and r.stream[-1] == m.ids.query]
             if retrieving:
                 self._retrieve(rows, retrieving, hidden, top_k, keep_vectors, callback)
-            # 3. each row's next feed: a paragraph, or a decoded token
-            for i, r in enumerate(rows):
-                if r.done:
-                    continue
-                if i in retrieving and not link:
-                    para = m.renderer.encode_paragraph(self._doc_text(r.events[-1].doc_ids[0]))
-                    r.stream += para
-                    r.n_inserted += len(para)
-                    r.feed = para
-                    continue
-                allowed_rq = len(r.events) < max_retrievals
-                banned = never + ([] if allowed_rq else [m.ids.query])
-                if force_every:
-                    banned += [m.ids.query] + (self._eos if ignore_eos else [])
-                elif ignore_eos:
-                    banned += self._eos
-                tok = self._next_token(logits[i], banned, do_sample, temperature, top_p, r.generator)
-                if force_every and allowed_rq and (r.n_generated + len(r.prompt)) % force_every == force_every - 1:
+            # 3. rows that retrieved (insert mode) feed the paragraph next
+            inserting = set(retrieving) if not link else set()
+            for i in inserting:
+                r = rows[i]
+                para = m.renderer.encode_paragraph(self._doc_text(r.events[-1].doc_ids[0]))
+                r.stream += para
+                r.n_inserted += len(para)
+                r.feed = para
+            # 4. every other live row decodes a token: all picked at once, one transfer to the CPU
+            decoding = [i for i, r in enumerate(rows) if not r.done and i not in inserting]
+            if not decoding:
+                continue
+            no_rq = [len(rows[i].events) >= max_retrievals for i in decoding]
+            tokens = select(logits, decoding, no_rq, [rows[i].generator for i in decoding])
+            for i, tok, spent in zip(decoding, tokens, no_rq, strict=True):
+                r = rows[i]
+                if force_every and not spent and (r.n_generated + len(r.prompt)) % force_every == force_every - 1:
                     tok = m.ids.query
                 r.stream.append(tok)
                 r.n_generated += 1
@@ -210,7 +206,7 @@ class Engine:
         else:
             query_vecs = None
         if query_vecs is not None:
-            scores, idx = self.index.search_tensor(query_vecs.float().cpu(), top_k)
+            scores, idx = self.index.search_tensor(query_vecs.float(), top_k)  # the backend moves them
             found = [([self.index.ids[j] for j in idx[r].tolist() if j >= 0], scores[r].tolist()[: top_k])
                      for r in range(len(retrieving))]
         elif hasattr(self.retriever, "retrieve_histories"):  # a second model re-reads the whole context
@@ -250,18 +246,12 @@ class Engine:
         written = m.tokenizer.decode(visible, skip_special_tokens=True).strip()
         return f"{question} {written}".strip()
 
-    def _next_token(self, logits: torch.Tensor, banned: list[int], do_sample: bool, temperature: float,
-                    top_p: float, generator: torch.Generator | None) -> int:
-        logits = logits.float().clone()
-        logits[banned] = float("-inf")
-        if not do_sample:
-            return int(logits.argmax())
-        probs = torch.softmax(logits / max(temperature, 1e-6), dim=-1).cpu()
-        if top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            keep = sorted_p.cumsum(0) - sorted_p < top_p
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-        return int(torch.multinomial(probs, 1, generator=generator))
+    def new_stepper(self, n_rows: int, max_len: int) -> Any:
+        """The step function this engine runs `n_rows` rows of at most `max_len` tokens with: the fast
+        path's when it is on and fits, else the generic cached (or recomputing) one. `step(feeds,
+        histories)` processes each row's new tokens and returns last-position hidden (B, D), logits (B, V)."""
+        stepper = self._fast.stepper(n_rows, max_len) if self._fast is not None else None
+        return stepper or (_CachedStepper if self.use_cache else _RecomputeStepper)(self.model, n_rows)
 
     def _maybe_finish(self, r: _Row, tok: int, max_new_tokens: int, stop: list[str]) -> None:
         m = self.model
@@ -283,6 +273,53 @@ class Engine:
                 text = text.replace(s, "")
         answer = "" if link else extract_answer(text, m.tokens)
         return GenerationResult(text, answer, r.events, r.stream, r.n_generated, r.n_inserted, r.finish)
+
+
+class _TokenSelector:
+    """Picks the next token of many rows at once from one (B, V) logits tensor.
+
+    Banned ids are masked in one go: the tokens the engine inserts itself (never generated), `[RQ]`
+    for every row under a forced schedule (the schedule places it) or for rows whose retrieval budget
+    is spent, eos under `ignore_eos`. Greedy is a batched argmax. Sampling takes a batched softmax on
+    the device, then each row draws with its own seeded CPU generator (top-p applied per row), exactly
+    as drawing row by row would: a row's tokens depend on its seed, not on its batch. Either way the
+    chosen ids reach the CPU in ONE transfer per step (the probabilities when sampling).
+    """
+
+    def __init__(self, engine: Engine, do_sample: bool, temperature: float, top_p: float,
+                 forced: bool, ignore_eos: bool):
+        m = engine.model
+        banned = [m.ids.open, m.ids.close, m.ids.doc] + ([m.ids.query] if forced else [])
+        banned += engine._eos if ignore_eos else []
+        self.query = m.ids.query
+        self.banned_all: torch.Tensor | None = None  # (K,) on the logits' device, made on first use
+        self._banned = sorted(set(banned))
+        self.forced = forced
+        self.do_sample, self.temperature, self.top_p = do_sample, max(temperature, 1e-6), top_p
+
+    def __call__(self, logits: torch.Tensor, rows: list[int], no_rq: list[bool],
+                 generators: list[torch.Generator | None]) -> list[int]:
+        """Next token of each of `rows` (indices into `logits` (B, V)); `no_rq[j]`: row j may not query."""
+        dev = logits.device
+        if self.banned_all is None or self.banned_all.device != dev:
+            self.banned_all = torch.tensor(self._banned, dtype=torch.long, device=dev)
+        scores = (logits if len(rows) == logits.shape[0] else logits[torch.tensor(rows, device=dev)]).float()
+        scores = scores.index_fill(1, self.banned_all, float("-inf"))  # (R, V), a new tensor
+        if not self.forced and any(no_rq):
+            spent = torch.tensor(no_rq, dtype=torch.bool).to(dev, non_blocking=True)
+            scores[:, self.query] = scores[:, self.query].masked_fill(spent, float("-inf"))
+        if not self.do_sample:
+            return scores.argmax(-1).tolist()
+        probs = torch.softmax(scores / self.temperature, dim=-1).cpu()  # (R, V): the step's one transfer
+        out = []
+        for j, gen in enumerate(generators):
+            p = probs[j]
+            if self.top_p < 1.0:
+                sorted_p, order = p.sort(descending=True)
+                keep = sorted_p.cumsum(0) - sorted_p < self.top_p
+                p = torch.zeros_like(p).scatter(0, order[keep], sorted_p[keep])
+            out.append(int(torch.multinomial(p, 1, generator=gen)))
+        return out
 
 
 def _eos_ids(m: OneGenModel) -> set[int]:
