@@ -153,11 +153,12 @@ class Engine:
             rows.append(_Row(ids, list(ids), messages, generator=gen, max_new=max_new_tokens[i]))
         inserts = 0 if link else max_retrievals * (m.renderer.doc_max_length + 2)
         stepper = self.new_stepper(len(rows), max(len(r.prompt) + r.max_new for r in rows) + inserts)
+        needs_history = getattr(stepper, "needs_history", False)  # only recomputation re-reads whole rows
         select = _TokenSelector(self, do_sample, temperature, top_p, force_every is not None, ignore_eos)
         while not all(r.done for r in rows):
             # 1. one forward over every row's pending tokens
             hidden, logits = stepper.step([r.feed if not r.done else [] for r in rows],
-                                          [r.history for r in rows])
+                                          [r.history for r in rows] if needs_history else [])
             self.stats["forwards"] += 1
             self.stats["generator_tokens"] += sum(len(r.feed) for r in rows if not r.done)
             # 2. rows that just fed [RQ] retrieve, as one batch
@@ -249,7 +250,8 @@ class Engine:
     def new_stepper(self, n_rows: int, max_len: int) -> Any:
         """The step function this engine runs `n_rows` rows of at most `max_len` tokens with: the fast
         path's when it is on and fits, else the generic cached (or recomputing) one. `step(feeds,
-        histories)` processes each row's new tokens and returns last-position hidden (B, D), logits (B, V)."""
+        histories)` processes each row's new tokens (`histories`, each row's whole sequence, are needed only
+        by a stepper with `needs_history`) and returns last-position hidden (B, D), logits (B, V)."""
         stepper = self._fast.stepper(n_rows, max_len) if self._fast is not None else None
         return stepper or (_CachedStepper if self.use_cache else _RecomputeStepper)(self.model, n_rows)
 
@@ -377,6 +379,8 @@ class _CachedStepper:
 
 class _RecomputeStepper:
     """No cache: every step re-runs each row's full history (left-padded). For equivalence tests."""
+
+    needs_history = True
 
     def __init__(self, model: OneGenModel, n_rows: int):
         self.model = model

@@ -1,138 +1,249 @@
-"""`onegen bench inference`: per-answer latency of onegen vs reencode vs pipeline.
+"""`onegen bench inference`: one-pass decoding speed, retrieval overhead, latency and memory (issue 5).
 
-Same generator, same forced retrieval schedule, measured side by side in one run (ratios are what to
-read: machines are noisy). Random-init weights are fine for speed; the schedule forces `[RQ]` so the
-engine does real work.
+Random-init Llama-shaped models (`--size tiny|1b|7b`; weights do not matter for speed) with the
+forced retrieval schedule (`[RQ]` every `--every` generated tokens, eos ignored), so the engine does
+its real work. Two parts, each measuring everything it compares side by side in one run:
+
+- `throughput` (items 1, 2, 3a): batches of `--batches` rows whose prompts differ in length, so rows
+  retrieve at different steps, over a `--index-rows` random index searched exactly on the device
+  (1 M x 4096 fp16 on CUDA); per engine (`--engine fast|generic|both`): generated tok/s against the
+  weights-only HBM ceiling (batch x bandwidth / weight bytes) and one that counts the KV cache too,
+  and the overhead against plain decoding of the very same token stream (`onepass.replay`).
+- `latency` (items 3b, 3c): one answer at a time, onegen vs reencode vs pipeline (a second model of
+  the same shape embeds the query text), for `--query-lengths` x `--answers` x `--retrievals`, with
+  the ideal ratio from re-timing each baseline's extra pass alone; peak memory per mode (the
+  pipeline's second model is loaded only after the onegen and reencode runs, so theirs excludes it).
+
+Prints tables; writes `inference.json` and `inference.png` under `--out`.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..config import ModelConfig, ScratchConfig, TokenizerConfig, TokenizerTrainConfig, TokensConfig
 from ..data import Corpus, Document
 from ..engine import Engine
+from ..fastpath import FastDecoder
 from ..index import Index
 from ..model import OneGenModel
 from ..retrievers import DenseRetriever
-from .common import machine, write_outputs
+from .common import common_args, machine, median_time, memory_bandwidth, table, write_outputs
+from .onepass import BigIndex, PoolCorpus, Recorder, latency, prompt_text, texts, throughput, weight_bytes
+from .train import build_model
 
-WORDS = ("velmora brandt caldris ostria founded town region river company painter born north south "
-         "harbour mill works bridge valley").split()
-
-
-def _texts(n: int, words: int, seed: int) -> list[str]:
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(WORDS), (n, words), generator=g)
-    return [" ".join(WORDS[i] for i in row.tolist()) + "." for row in idx]
-
-
-def _model(seed: int, hidden: int, layers: int, heads: int, texts: list[str], device: str) -> OneGenModel:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(scratch=ScratchConfig(architecture="llama", hidden_size=hidden, num_layers=layers,
-                                            num_heads=heads, max_position_embeddings=8192))
-    tok = TokenizerConfig(train=TokenizerTrainConfig(vocab_size=500, min_frequency=1))
-    model = OneGenModel.from_config(cfg, tok, TokensConfig(), texts, doc_max_length=64)
-    return model.to(device).eval()
+SIZES = {"tiny": "1b-mini", "1b": "1b", "7b": "7b"}  # -> bench.train.SHAPES
+# option -> (CPU default, CUDA default)
+DEFAULTS = {"size": ("tiny", "7b"), "dtype": ("float32", "bfloat16"), "batches": ([1, 4], [1, 8, 32, 64]),
+            "prompt_tokens": (48, 512), "new_tokens": (32, 256), "every": (8, 64), "index_rows": (20_000, 1_000_000),
+            "query_lengths": ([32, 128], [128, 1024, 4096]), "answers": ([8, 16], [16, 128]),
+            "retrievals": ([1, 2], [1, 4]), "doc_tokens": (16, 64), "corpus_size": (64, 256), "repeats": (1, 2),
+            "chunk_rows": (65536, 262144)}
 
 
-def _prompt(model: OneGenModel, n_tokens: int, seed: int) -> str:
-    text = _texts(1, n_tokens * 2, seed)[0]
-    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]
-    return model.tokenizer.decode(ids)
+def model_for(args: argparse.Namespace, seed: int) -> OneGenModel:
+    """A random-init model of `--size`, documents cut at `--doc-tokens`, prompts never truncated."""
+    m = build_model(SIZES[args.size], args.device, getattr(torch, args.dtype), seed)
+    return OneGenModel(m.hf_model, m.tokenizer, m.tokens, max_length=1 << 16, doc_max_length=args.doc_tokens).eval()
+
+
+def engine_kinds(args: argparse.Namespace) -> list[str]:
+    return ["fast", "generic"] if args.engine == "both" else [args.engine]
+
+
+def release() -> None:
+    """Give back memory of objects the caller has just deleted (engines and decoders hold cycles)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def bench_throughput(gen: OneGenModel, args: argparse.Namespace, bandwidth: float) -> list[dict[str, Any]]:
+    index = BigIndex(args.index_rows, gen.hidden_size, args.device, args.index_backend, args.seed, args.chunk_rows)
+    corpus = PoolCorpus(texts(64, args.doc_tokens, 2))
+    query = torch.randn(1, gen.hidden_size, device=args.device)
+    search_ms = 1000 * median_time(lambda: index.search_tensor(query, 5), 5, args.device)
+    rows = []
+    for kind in engine_kinds(args):
+        fast: Any = False
+        if kind == "fast":  # cache and graphs for every batch size made before timing
+            fast = FastDecoder(gen)
+            n_ret = max(1, args.new_tokens // args.every)
+            fast.warmup(tuple(args.batches), max_len=args.prompt_tokens + max(args.batches) + 64 + args.new_tokens
+                        + n_ret * (args.doc_tokens + 2))
+        engine = Engine(gen, index, corpus=corpus, fast=fast)
+        for batch in args.batches:
+            if kind == "generic" and batch > args.generic_max_batch:
+                continue
+            rows.append(throughput(engine, kind, batch, args, bandwidth, search_ms))
+            print(table([rows[-1]], THROUGHPUT_COLUMNS).splitlines()[1], flush=True)
+        del engine, fast
+        release()
+    return rows
+
+
+def bench_latency(gen: OneGenModel, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    corpus = Corpus([Document(f"d{i}", t) for i, t in enumerate(texts(args.corpus_size, args.doc_tokens, 1))])
+    index = Index.build(gen, corpus, progress=False)
+    prompts = {q: prompt_text(gen, q, seed=q) for q in args.query_lengths}
+    fast: Any = args.engine != "generic"
+    if fast:  # one decoder for all configurations, sized for the longest, graphs captured up front
+        fast = FastDecoder(gen)
+        fast.warmup((1,), max_len=max(args.query_lengths) + 64 + max(args.answers)
+                    + max(args.retrievals) * (args.doc_tokens + 2))
+    engines = {"onegen": Engine(gen, index, corpus=corpus, fast=fast),
+               "reencode": Engine(gen, index, mode="reencode", corpus=corpus, fast=fast)}
+    configs = [(q, a, r) for q in args.query_lengths for a in args.answers for r in args.retrievals]
+    peaks: dict[str, float] = {}
+    rows = {c: latency(engines, prompts[c[0]], c[1], c[2], args, peaks) for c in configs}
+    # the pipeline's second model only now: the peaks above must not include it
+    retr = model_for(args, seed=1)
+    pipe = {"pipeline": Engine(gen, None, mode="pipeline", corpus=corpus, fast=fast,
+                               retriever=Recorder(DenseRetriever(retr, Index.build(retr, corpus, progress=False))))}
+    print(table([], LATENCY_COLUMNS))
+    for c in configs:
+        rows[c].update({k: v for k, v in latency(pipe, prompts[c[0]], c[1], c[2], args, peaks).items()
+                        if k.startswith("pipeline")})
+        r = rows[c]
+        r["pipeline_ratio"] = r["onegen_ms"] / r["pipeline_ms"]
+        r["pipeline_ideal"] = r["onegen_ms"] / (r["onegen_ms"] + r["pipeline_extra_ms"])
+        r["pipeline_gap"] = r["pipeline_ratio"] / r["pipeline_ideal"] - 1
+        print(table([r], LATENCY_COLUMNS).splitlines()[1], flush=True)
+    del engines, pipe, retr, fast
+    release()
+    return list(rows.values()), peaks
 
 
 def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
-    device = args.device
-    corpus_texts = _texts(args.corpus_size, 24, 1)
-    corpus = Corpus([Document(f"d{i}", t) for i, t in enumerate(corpus_texts)])
-    gen = _model(0, args.hidden, args.layers, args.heads, corpus_texts, device)
-    retr = _model(1, args.hidden, args.layers, args.heads, corpus_texts, device)
-    index = Index.build(gen, corpus, progress=False)
-    r_index = Index.build(retr, corpus, progress=False)
-    engines = {"onegen": Engine(gen, index, corpus=corpus),
-               "reencode": Engine(gen, index, mode="reencode", corpus=corpus),
-               "pipeline": Engine(gen, None, mode="pipeline", retriever=DenseRetriever(retr, r_index), corpus=corpus)}
-    rows = []
-    for qlen in args.query_lengths:
-        prompt = _prompt(gen, qlen, qlen)
-        for n_ret in args.retrievals:
-            every = max(2, (args.new_tokens - 1) // n_ret)  # every retrieval is fed before the end
-            kw = {"max_new_tokens": args.new_tokens, "force_query_every": every, "ignore_eos": True,
-                  "max_retrievals": n_ret, "top_k": 5}
-            row: dict[str, Any] = {"query_tokens": qlen, "retrievals": n_ret, "new_tokens": args.new_tokens}
-            for name, eng in engines.items():
-                eng.generate([prompt], **kw)  # warm-up
-                for k in eng.stats:
-                    eng.stats[k] = 0
-                times = []
-                for _ in range(args.repeats):
-                    t0 = time.perf_counter()
-                    res = eng.generate([prompt], **kw)[0]
-                    if device.startswith("cuda"):
-                        torch.cuda.synchronize()
-                    times.append(time.perf_counter() - t0)
-                row[f"{name}_ms"] = 1000 * statistics.median(times)
-                row[f"{name}_extra_tokens"] = (eng.stats["reencode_tokens"] + eng.stats["retriever_tokens"]) // args.repeats
-                row[f"{name}_retrievals_done"] = len(res.retrievals)
-            row["reencode_over_onegen"] = row["reencode_ms"] / row["onegen_ms"]
-            row["pipeline_over_onegen"] = row["pipeline_ms"] / row["onegen_ms"]
-            rows.append(row)
-            print(_row_line(row), flush=True)
-    return {"benchmark": "inference", "rows": rows, "machine": machine(device), "args": vars(args)}
+    bandwidth, bw_src = memory_bandwidth(args.device)
+    gen = model_for(args, seed=0)
+    w_bytes = weight_bytes(gen)
+    rows: list[dict[str, Any]] = []
+    memory: list[dict[str, Any]] = []
+    if args.skip != "latency":
+        lat, peaks = bench_latency(gen, args)
+        release()
+        rows += lat
+        memory = [{"part": "memory", "mode": mode, "peak_gb": peak / 1e9, "weights_gb": w_bytes / 1e9,
+                   "over_pipeline": peak / peaks["pipeline"] if peaks.get("pipeline") else None}
+                  for mode, peak in peaks.items()]
+        print(table([], MEMORY_COLUMNS))
+        print("\n".join(table(memory, MEMORY_COLUMNS).splitlines()[1:]), flush=True)
+        rows += memory
+    if args.skip != "throughput":
+        print(table([], THROUGHPUT_COLUMNS))
+        rows += bench_throughput(gen, args, bandwidth)
+    return {"benchmark": "inference", "rows": rows, "bandwidth": bandwidth, "bandwidth_source": bw_src,
+            "weight_bytes": w_bytes, "summary": summary(rows), "machine": machine(args.device), "args": vars(args)}
 
 
-def _row_line(r: dict[str, Any]) -> str:
-    return (f"{r['query_tokens']:>6} {r['retrievals']:>4} {r['onegen_ms']:>10.1f} {r['reencode_ms']:>11.1f} "
-            f"{r['pipeline_ms']:>11.1f} {r['reencode_over_onegen']:>9.2f}x {r['pipeline_over_onegen']:>9.2f}x "
-            f"{r['reencode_extra_tokens']:>9} {r['pipeline_extra_tokens']:>9}")
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's numbers, where measured: fast batch-1 tok/s, batch-64 fraction of ceiling, overheads,
+    worst distance from the ideal ratio, memory ratio."""
+    out: dict[str, Any] = {}
+    tp = [r for r in rows if r["part"] == "throughput"]
+    for r in tp:
+        out[f"{r['engine']}_b{r['batch']}_tok_s"] = r["tok_s"]
+        out[f"{r['engine']}_b{r['batch']}_of_ceiling"] = r["tok_s"] / r["ceiling_tok_s"]
+        out[f"{r['engine']}_b{r['batch']}_overhead"] = r["overhead"]
+    lat = [r for r in rows if r["part"] == "latency"]
+    for mode in ("reencode", "pipeline"):
+        gaps = [abs(r[f"{mode}_gap"]) for r in lat if f"{mode}_gap" in r]
+        if gaps:
+            out[f"{mode}_worst_gap_from_ideal"] = max(gaps)
+            out[f"{mode}_median_ratio"] = statistics.median(r[f"{mode}_ratio"] for r in lat)
+    mem = {r["mode"]: r for r in rows if r["part"] == "memory"}
+    if "onegen" in mem and mem["onegen"]["over_pipeline"] is not None:
+        out["memory_onegen_over_pipeline"] = mem["onegen"]["over_pipeline"]
+    return out
 
 
-HEADER = (f"{'query':>6} {'ret':>4} {'onegen ms':>10} {'reencode ms':>11} {'pipeline ms':>11} "
-          f"{'reenc/1g':>10} {'pipe/1g':>10} {'reenc+tok':>9} {'pipe+tok':>9}")
+THROUGHPUT_COLUMNS = [("engine", "engine", ""), ("batch", "batch", "d"), ("tok_s", "tok/s", ".1f"),
+                      ("ceiling_tok_s", "HBM ceil", ".0f"), ("ceiling_kv_tok_s", "ceil+KV", ".0f"),
+                      ("plain_tok_s", "plain tok/s", ".1f"), ("overhead", "overhead", "+.3f"),
+                      ("searches", "searches", ".0f"), ("search_ms", "search ms", ".2f"),
+                      ("search_share", "search %", ".3f")]
+LATENCY_COLUMNS = [("query_tokens", "query", "d"), ("new_tokens", "answer", "d"), ("retrievals", "ret", "d"),
+                   ("onegen_ms", "onegen ms", ".1f"), ("reencode_ms", "reenc ms", ".1f"),
+                   ("pipeline_ms", "pipe ms", ".1f"), ("reencode_ratio", "1g/reenc", ".3f"),
+                   ("reencode_ideal", "ideal", ".3f"), ("pipeline_ratio", "1g/pipe", ".3f"),
+                   ("pipeline_ideal", "ideal", ".3f")]
+MEMORY_COLUMNS = [("mode", "mode", ""), ("peak_gb", "peak GB", ".2f"), ("weights_gb", "gen GB", ".2f"),
+                  ("over_pipeline", "/pipeline", ".3f")]
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for n_ret in sorted({r["retrievals"] for r in rows}):
-        sel = [r for r in rows if r["retrievals"] == n_ret]
-        xs = [r["query_tokens"] for r in sel]
-        ax.plot(xs, [r["reencode_over_onegen"] for r in sel], marker="o", label=f"reencode / onegen, {n_ret} ret")
-        ax.plot(xs, [r["pipeline_over_onegen"] for r in sel], marker="s", ls="--", label=f"pipeline / onegen, {n_ret} ret")
-    ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set(xscale="log", xlabel="query (prompt) tokens", ylabel="latency ratio (higher = onegen faster)",
-           title="Per-answer latency relative to one-pass onegen")
-    ax.legend(fontsize=7)
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    tp = [r for r in rows if r["part"] == "throughput"]
+    for eng in sorted({r["engine"] for r in tp}):
+        sel = [r for r in tp if r["engine"] == eng]
+        ax[0].plot([r["batch"] for r in sel], [r["tok_s"] for r in sel], marker="o", label=f"{eng} (onegen)")
+        ax[0].plot([r["batch"] for r in sel], [r["plain_tok_s"] for r in sel], ls=":", label=f"{eng} plain replay")
+    if tp:
+        ref = sorted({r["batch"]: r for r in tp}.values(), key=lambda r: r["batch"])
+        ax[0].plot([r["batch"] for r in ref], [r["ceiling_tok_s"] for r in ref], color="grey", ls="--", label="HBM ceiling")
+        ax[0].plot([r["batch"] for r in ref], [r["ceiling_kv_tok_s"] for r in ref], color="grey", ls="-.",
+                   label="ceiling incl. KV")
+    ax[0].set(xscale="log", yscale="log", xlabel="batch", ylabel="generated tokens / s", title="Decoding with retrieval")
+    ax[0].legend(fontsize=7)
+    lat = [r for r in rows if r["part"] == "latency"]
+    for mode, marker in (("reencode", "o"), ("pipeline", "s")):
+        for (a, n), color in zip(sorted({(r["new_tokens"], r["retrievals"]) for r in lat}), "bgrcmyk", strict=False):
+            sel = [r for r in lat if (r["new_tokens"], r["retrievals"]) == (a, n) and f"{mode}_ratio" in r]
+            if sel:
+                xs = [r["query_tokens"] for r in sel]
+                ax[1].plot(xs, [r[f"{mode}_ratio"] for r in sel], marker=marker, color=color,
+                           label=f"{mode} {a} tok {n} ret")
+                ax[1].plot(xs, [r[f"{mode}_ideal"] for r in sel], ls=":", color=color)
+    ax[1].set(xscale="log", xlabel="query (prompt) tokens", ylabel="t_onegen / t_baseline (dotted: ideal)",
+              title="Per-answer latency vs the ideal ratio")
+    ax[1].legend(fontsize=6)
+    mem = [r for r in rows if r["part"] == "memory"]
+    ax[2].bar([r["mode"] for r in mem], [r["peak_gb"] for r in mem], color="tab:green")
+    ax[2].set(ylabel="peak memory (GB)", title="Peak memory per mode")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="onegen bench inference", description="per-answer latency: onegen vs "
-                                "reencode vs pipeline")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--query-lengths", type=int, nargs="+", default=[64, 256, 1024])
-    p.add_argument("--retrievals", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--corpus-size", type=int, default=500)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default="benchmarks/results")
+    p = argparse.ArgumentParser(prog="onegen bench inference", description="one-pass decoding: tok/s vs the HBM "
+                                "ceiling, retrieval overhead vs plain decoding, latency vs reencode/pipeline, memory")
+    common_args(p)
+    p.add_argument("--size", choices=sorted(SIZES), default=None, help="model shape (CPU tiny, CUDA 7b)")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    p.add_argument("--engine", choices=["fast", "generic", "both"], default="fast",
+                   help="decode path: the fast one (compact forward, slot cache, CUDA graphs), HF's, or both")
+    p.add_argument("--generic-max-batch", type=int, default=8, help="largest batch the generic path runs")
+    p.add_argument("--skip", choices=["throughput", "latency"], default=None)
+    p.add_argument("--batches", type=int, nargs="+", default=None, help="throughput (CPU 1 4, CUDA 1 8 32 64)")
+    p.add_argument("--prompt-tokens", type=int, default=None, help="throughput prompts (CPU 48, CUDA 512)")
+    p.add_argument("--new-tokens", type=int, default=None, help="throughput answers (CPU 32, CUDA 256)")
+    p.add_argument("--every", type=int, default=None, help="[RQ] every N generated tokens (CPU 8, CUDA 64)")
+    p.add_argument("--index-rows", type=int, default=None, help="throughput index size (CPU 20000, CUDA 1000000)")
+    p.add_argument("--index-backend", choices=["flat", "flat-int8"], default="flat")
+    p.add_argument("--chunk-rows", type=int, default=None, help="rows per search chunk (CPU 65536, CUDA 262144)")
+    p.add_argument("--query-lengths", type=int, nargs="+", default=None, help="latency (CPU 32 128, CUDA 128 1024 4096)")
+    p.add_argument("--answers", type=int, nargs="+", default=None, help="latency answer tokens (CPU 8 16, CUDA 16 128)")
+    p.add_argument("--retrievals", type=int, nargs="+", default=None, help="latency retrievals (1 2 CPU, 1 4 CUDA)")
+    p.add_argument("--doc-tokens", type=int, default=None, help="inserted document length (CPU 16, CUDA 64)")
+    p.add_argument("--corpus-size", type=int, default=None, help="latency index documents (CPU 64, CUDA 256)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (CPU 1, CUDA 2)")
     args = p.parse_args(argv)
-    torch.manual_seed(0)
-    print(HEADER)
+    gpu = args.device.startswith("cuda")
+    for key, (cpu_value, gpu_value) in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, gpu_value if gpu else cpu_value)
+    torch.manual_seed(args.seed)
     result = bench_inference(args)
+    print("summary: " + ", ".join(f"{k} {v:.4g}" for k, v in result["summary"].items()))
     write_outputs(result, args.out, "inference", _plot)
     return 0
