@@ -86,3 +86,30 @@ def test_bench_imports_without_packages_the_gpu_image_lacks():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "--index-rows" in out.stdout
+
+
+def test_cli_index_max_tokens_and_generate_fast(tiny_model_dir, qa_world, tmp_path):
+    """`onegen index --max-tokens` gives the default's vectors; `onegen generate --fast` the same predictions
+    as `--no-fast` (the fast path runs eagerly on CPU)."""
+    import numpy as np
+
+    from onegen.cli import main
+
+    base = ["index", "--model", str(tiny_model_dir), "--corpus", qa_world["corpus"]]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert main([*base, "--out", str(tmp_path / "b"), "--max-tokens", "96"]) == 0
+    a, b = (np.load(tmp_path / d / "vectors.npy") for d in "ab")
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert main([*base, "--out", str(tmp_path / "c"), "--max-tokens", "0"]) == 2
+    items = tmp_path / "eval.jsonl"
+    items.write_text("".join(open(qa_world["eval"]).readlines()[:4]))
+    preds = {}
+    for flag in ("--fast", "--no-fast"):
+        out = tmp_path / f"pred{flag}.jsonl"
+        assert main(["generate", "--model", str(tiny_model_dir), "--index", str(tmp_path / "a"), "--input",
+                     str(items), "--out", str(out), "--max-new-tokens", "12", flag]) == 0
+        preds[flag] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(preds["--fast"]) == 4
+    assert [p["output"] for p in preds["--fast"]] == [p["output"] for p in preds["--no-fast"]]
+    assert [[r["doc_ids"] for r in p["retrievals"]] for p in preds["--fast"]] == \
+        [[r["doc_ids"] for r in p["retrievals"]] for p in preds["--no-fast"]]

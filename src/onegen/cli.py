@@ -54,6 +54,8 @@ def _add_index(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--backend", choices=["flat", "flat-int8", "faiss-flat", "faiss-hnsw", "faiss-ivf"], default="flat")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="batch by a budget of padded tokens (rows x longest) instead of --batch-size documents")
     p.add_argument("--device", default=None)
 
 
@@ -71,6 +73,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--max-retrievals", type=int, default=4)
     p.add_argument("--device", default=None)
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                   help="the fast decode path (static cache, CUDA graphs): --fast requires it, --no-fast turns "
+                        "it off; default: on when the model runs on CUDA and is supported")
 
 
 def _add_eval(sub) -> None:

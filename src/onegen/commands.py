@@ -119,7 +119,10 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     encoder = load_encoder(args.model, device)
-    index = Index.build(encoder, corpus, backend=args.backend, batch_size=args.batch_size, progress=True)
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise OneGenError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    index = Index.build(encoder, corpus, backend=args.backend, batch_size=args.batch_size, progress=True,
+                        max_tokens=args.max_tokens)
     if index.rank == 0:  # a sharded build (torchrun) gives every rank the index; one writes it
         index.save(args.out)
         print(f"indexed {len(index)} documents ({args.backend}, dim {index.dim}) into {args.out}")
@@ -132,7 +135,7 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     stats = predict_file(model_dir=args.model, index_dir=args.index, input_path=args.input, out_path=args.out,
                          task=args.task, mode=args.mode, retriever=args.retriever, batch_size=args.batch_size,
                          max_new_tokens=args.max_new_tokens, top_k=args.top_k,
-                         max_retrievals=args.max_retrievals, device=args.device)
+                         max_retrievals=args.max_retrievals, device=args.device, fast=args.fast)
     print(f"wrote {stats['n']} predictions to {args.out} ({stats['seconds']:.1f} s; "
           f"generator tokens {stats['generator_tokens']}, extra query tokens {stats['extra_query_tokens']})")
     return 0

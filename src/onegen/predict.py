@@ -49,10 +49,23 @@ def run_engine(engine: Engine, items: list, task: str, batch_size: int = 8, max_
     return records
 
 
+def _engine(*args: Any, **kwargs: Any) -> Engine:
+    """An Engine; a model the fast path cannot run when `--fast` asked for it is a user error."""
+    from .fastpath import FastPathUnsupported
+
+    try:
+        return Engine(*args, **kwargs)
+    except FastPathUnsupported as e:
+        raise OneGenError(f"--fast: {e.message}; use --no-fast or leave the option out") from None
+
+
 def predict_file(model_dir: str, index_dir: str, input_path: str, out_path: str, task: str = "qa",
                  mode: str = "onegen", retriever: str | None = None, batch_size: int = 8, max_new_tokens: int = 64,
-                 top_k: int = 5, max_retrievals: int = 4, device: str | None = None) -> dict[str, Any]:
-    """`onegen generate`: read items, run the engine, write predictions atomically; returns stats."""
+                 top_k: int = 5, max_retrievals: int = 4, device: str | None = None,
+                 fast: bool | None = None) -> dict[str, Any]:
+    """`onegen generate`: read items, run the engine, write predictions atomically; returns stats.
+
+    `fast`: the engine's fast decode path (None: when on CUDA and supported; True: required)."""
     from .index import Index
     from .model import OneGenModel, check_onegen_dir
     from .retrievers import BM25Retriever, DenseRetriever, load_encoder
@@ -73,10 +86,10 @@ def predict_file(model_dir: str, index_dir: str, input_path: str, out_path: str,
             encoder = load_encoder(retriever, device)
             index.check_model(encoder)
             ret = DenseRetriever(encoder, index)
-        engine = Engine(model, None, mode="pipeline", retriever=ret, corpus=index.corpus)
+        engine = _engine(model, None, mode="pipeline", retriever=ret, corpus=index.corpus, fast=fast)
     else:
         index.check_model(model)
-        engine = Engine(model, index, mode=mode)
+        engine = _engine(model, index, mode=mode, fast=fast)
     t0 = time.perf_counter()
     records = run_engine(engine, items, task, batch_size, max_new_tokens, top_k, max_retrievals)
     write_jsonl_atomic(Path(out_path), records)
