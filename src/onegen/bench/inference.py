@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +64,13 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
-def bench_throughput(gen: OneGenModel, args: argparse.Namespace, bandwidth: float) -> list[dict[str, Any]]:
+def bench_throughput(gen: OneGenModel, args: argparse.Namespace, bandwidth: float, rows: list[dict[str, Any]],
+                     save: Callable[[], None]) -> None:
+    """Items 1, 2, 3(a): rows appended to `rows` one by one (`save` after each)."""
     index = BigIndex(args.index_rows, gen.hidden_size, args.device, args.index_backend, args.seed, args.chunk_rows)
     corpus = PoolCorpus(texts(64, args.doc_tokens, 2))
     query = torch.randn(1, gen.hidden_size, device=args.device)
     search_ms = 1000 * median_time(lambda: index.search_tensor(query, 5), 5, args.device)
-    rows = []
     for kind in engine_kinds(args):
         fast: Any = False
         if kind == "fast":  # cache and graphs for every batch size made before timing
@@ -82,12 +84,14 @@ def bench_throughput(gen: OneGenModel, args: argparse.Namespace, bandwidth: floa
                 continue
             rows.append(throughput(engine, kind, batch, args, bandwidth, search_ms))
             print(table([rows[-1]], THROUGHPUT_COLUMNS).splitlines()[1], flush=True)
+            save()
         del engine, fast
         release()
-    return rows
 
 
-def bench_latency(gen: OneGenModel, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, float]]:
+def bench_latency(gen: OneGenModel, args: argparse.Namespace, out: list[dict[str, Any]], save: Callable[[], None]
+                  ) -> dict[str, float]:
+    """Items 3(b), 3(c): rows appended to `out` (`save` after each stage); returns each mode's peak memory."""
     corpus = Corpus([Document(f"d{i}", t) for i, t in enumerate(texts(args.corpus_size, args.doc_tokens, 1))])
     index = Index.build(gen, corpus, progress=False)
     prompts = {q: prompt_text(gen, q, seed=q) for q in args.query_lengths}
@@ -101,11 +105,12 @@ def bench_latency(gen: OneGenModel, args: argparse.Namespace) -> tuple[list[dict
     configs = [(q, a, r) for q in args.query_lengths for a in args.answers for r in args.retrievals]
     peaks: dict[str, float] = {}
     rows = {c: latency(engines, prompts[c[0]], c[1], c[2], args, peaks) for c in configs}
+    out += rows.values()  # completed in place by the pipeline runs below
+    save()
     # the pipeline's second model only now: the peaks above must not include it
     retr = model_for(args, seed=1)
     pipe = {"pipeline": Engine(gen, None, mode="pipeline", corpus=corpus, fast=fast,
                                retriever=Recorder(DenseRetriever(retr, Index.build(retr, corpus, progress=False))))}
-    print(table([], LATENCY_COLUMNS))
     for c in configs:
         rows[c].update({k: v for k, v in latency(pipe, prompts[c[0]], c[1], c[2], args, peaks).items()
                         if k.startswith("pipeline")})
@@ -114,9 +119,10 @@ def bench_latency(gen: OneGenModel, args: argparse.Namespace) -> tuple[list[dict
         r["pipeline_ideal"] = r["onegen_ms"] / (r["onegen_ms"] + r["pipeline_extra_ms"])
         r["pipeline_gap"] = r["pipeline_ratio"] / r["pipeline_ideal"] - 1
         print(table([r], LATENCY_COLUMNS).splitlines()[1], flush=True)
+        save()
     del engines, pipe, retr, fast
     release()
-    return list(rows.values()), peaks
+    return peaks
 
 
 def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
@@ -124,22 +130,36 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
     gen = model_for(args, seed=0)
     w_bytes = weight_bytes(gen)
     rows: list[dict[str, Any]] = []
-    memory: list[dict[str, Any]] = []
-    if args.skip != "latency":
-        lat, peaks = bench_latency(gen, args)
+
+    def result(partial: bool = False) -> dict[str, Any]:
+        return {"benchmark": "inference", "partial": partial, "rows": rows, "bandwidth": bandwidth,
+                "bandwidth_source": bw_src, "weight_bytes": w_bytes, "summary": summary(rows),
+                "machine": machine(args.device), "args": vars(args)}
+
+    def save_partial() -> None:  # a time limit that stops the run still leaves what was measured
+        from ..io import write_json_atomic
+
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(args.out) / "inference.json", result(partial=True))
+
+    if args.skip != "throughput":  # the headline numbers first
+        print(table([], THROUGHPUT_COLUMNS))
+        bench_throughput(gen, args, bandwidth, rows, save_partial)
         release()
-        rows += lat
-        memory = [{"part": "memory", "mode": mode, "peak_gb": peak / 1e9, "weights_gb": w_bytes / 1e9,
-                   "over_pipeline": peak / peaks["pipeline"] if peaks.get("pipeline") else None}
+    if args.skip != "latency":
+        # peak memory counts what each mode itself holds: anything else still resident is left out
+        leftover = torch.cuda.memory_allocated() - w_bytes if args.device.startswith("cuda") else 0
+        print(table([], LATENCY_COLUMNS))
+        peaks = bench_latency(gen, args, rows, save_partial)
+        release()
+        memory = [{"part": "memory", "mode": mode, "peak_gb": (peak - leftover) / 1e9, "weights_gb": w_bytes / 1e9,
+                   "leftover_gb": leftover / 1e9,
+                   "over_pipeline": (peak - leftover) / (peaks["pipeline"] - leftover) if peaks.get("pipeline") else None}
                   for mode, peak in peaks.items()]
         print(table([], MEMORY_COLUMNS))
         print("\n".join(table(memory, MEMORY_COLUMNS).splitlines()[1:]), flush=True)
         rows += memory
-    if args.skip != "throughput":
-        print(table([], THROUGHPUT_COLUMNS))
-        rows += bench_throughput(gen, args, bandwidth)
-    return {"benchmark": "inference", "rows": rows, "bandwidth": bandwidth, "bandwidth_source": bw_src,
-            "weight_bytes": w_bytes, "summary": summary(rows), "machine": machine(args.device), "args": vars(args)}
+    return result()
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -153,10 +173,10 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out[f"{r['engine']}_b{r['batch']}_overhead"] = r["overhead"]
     lat = [r for r in rows if r["part"] == "latency"]
     for mode in ("reencode", "pipeline"):
-        gaps = [abs(r[f"{mode}_gap"]) for r in lat if f"{mode}_gap" in r]
-        if gaps:
-            out[f"{mode}_worst_gap_from_ideal"] = max(gaps)
-            out[f"{mode}_median_ratio"] = statistics.median(r[f"{mode}_ratio"] for r in lat)
+        done = [r for r in lat if f"{mode}_gap" in r]
+        if done:
+            out[f"{mode}_worst_gap_from_ideal"] = max(abs(r[f"{mode}_gap"]) for r in done)
+            out[f"{mode}_median_ratio"] = statistics.median(r[f"{mode}_ratio"] for r in done)
     mem = {r["mode"]: r for r in rows if r["part"] == "memory"}
     if "onegen" in mem and mem["onegen"]["over_pipeline"] is not None:
         out["memory_onegen_over_pipeline"] = mem["onegen"]["over_pipeline"]
@@ -174,6 +194,7 @@ LATENCY_COLUMNS = [("query_tokens", "query", "d"), ("new_tokens", "answer", "d")
                    ("reencode_ideal", "ideal", ".3f"), ("pipeline_ratio", "1g/pipe", ".3f"),
                    ("pipeline_ideal", "ideal", ".3f")]
 MEMORY_COLUMNS = [("mode", "mode", ""), ("peak_gb", "peak GB", ".2f"), ("weights_gb", "gen GB", ".2f"),
+                  ("leftover_gb", "left out", ".2f"),
                   ("over_pipeline", "/pipeline", ".3f")]
 
 
