@@ -44,10 +44,10 @@ gpu_tests=$(grep -l "pytest.mark.gpu" tests/test_*.py | tr '\n' ' ')
 # shellcheck disable=SC2086
 step pytest-gpu 60 "$PY" -m pytest -q -p no:cacheprovider -m gpu $gpu_tests
 # shellcheck disable=SC2086
-step inference 210 "$PY" -m onegen.cli bench inference --device "$DEVICE" $INFERENCE_ARGS --out "$OUT"
+step inference 240 "$PY" -m onegen.cli bench inference --device "$DEVICE" $INFERENCE_ARGS --out "$OUT"
 # shellcheck disable=SC2086
-step train 120 "$PY" -m onegen.cli bench train --device "$DEVICE" $TRAIN_ARGS --out "$OUT"
+step train 110 "$PY" -m onegen.cli bench train --device "$DEVICE" $TRAIN_ARGS --out "$OUT"
 # shellcheck disable=SC2086
-step index 80 "$PY" -m onegen.cli bench index --device "$DEVICE" $INDEX_ARGS --out "$OUT"
+step index 70 "$PY" -m onegen.cli bench index --device "$DEVICE" $INDEX_ARGS --out "$OUT"
 echo "=== suite: $failed step(s) failed, $((SECONDS - start)) s in all" | tee -a "$LOG"
 exit "$failed"
