@@ -1,6 +1,7 @@
-"""Per-answer latency: onegen vs reencode vs pipeline, side by side in one run.
+"""Decoding with retrieval (tok/s, overhead vs plain decoding) and per-answer latency onegen vs reencode
+vs pipeline, side by side in one run (`onegen bench inference --help` lists the options).
 
-    python benchmarks/bench_inference.py inference [--query-lengths 64 256 1024] [--retrievals 1 4]
+    python benchmarks/bench_inference.py inference [--device cuda] [--size tiny|1b|7b] [--engine fast|generic|both]
 
 Prints a table, writes benchmarks/results/inference.json and inference.png.
 """
