@@ -1,8 +1,9 @@
 """Fast path == generic path: the compact forward over HF weights, the slot cache and the bucketed
 decode step give the same tokens, retrievals and query vectors as `_CachedStepper`, for tiny Llama,
 Mistral, Qwen2 and Qwen3 models (GQA, tied and untied heads, llama3 RoPE, attention bias, q/k norms).
-Unsupported structures are detected (auto falls back, forcing raises). The CUDA-graph replay itself is
-checked by the `gpu` test at the end."""
+A step where some rows insert a paragraph while others decode is ONE forward over the layers (the mixed
+step), equal to the separate prefill + decode it replaces. Unsupported structures are detected (auto falls
+back, forcing raises). The CUDA-graph replay itself is checked by the `gpu` test at the end."""
 
 from __future__ import annotations
 
@@ -87,20 +88,64 @@ def test_families_are_built_as_intended(setup):
 
 
 def test_fast_generation_equals_generic(setup):
+    """Staggered retrievals, rows finishing early, 5 rows in 8 slots: mixed steps, the separate prefill and
+    the generic path give the same tokens, documents and query vectors; mixed: one forward per step."""
     model, index, corpus = setup
     generic = Engine(model, index, corpus=corpus, fast=False)
     fast = Engine(model, index, corpus=corpus, fast=True)
+    separate = Engine(model, index, corpus=corpus, fast=FastDecoder(model, mixed=False))
     assert fast._fast is not None and generic._fast is None
     a = generic.generate(QUESTIONS, keep_vectors=True, **GEN)
-    b = fast.generate(QUESTIONS, keep_vectors=True, **GEN)
-    assert [r.token_ids for r in b] == [r.token_ids for r in a]
-    assert [[e.doc_ids for e in r.retrievals] for r in b] == [[e.doc_ids for e in r.retrievals] for r in a]
-    assert [r.n_generated for r in b] == LIMITS
-    assert len({r.retrievals[0].position for r in b}) > 1  # rows retrieved at different steps
-    assert sum(r.n_inserted for r in b) > 0
-    for ra, rb in zip(a, b, strict=True):
-        for ea, eb in zip(ra.retrievals, rb.retrievals, strict=True):
-            torch.testing.assert_close(eb.query_vec, ea.query_vec, atol=1e-4, rtol=1e-4)
+    for engine in (fast, separate):
+        b = engine.generate(QUESTIONS, keep_vectors=True, **GEN)
+        assert [r.token_ids for r in b] == [r.token_ids for r in a]
+        assert [[e.doc_ids for e in r.retrievals] for r in b] == [[e.doc_ids for e in r.retrievals] for r in a]
+        assert [r.n_generated for r in b] == LIMITS
+        assert len({r.retrievals[0].position for r in b}) > 1  # rows retrieved at different steps
+        assert sum(r.n_inserted for r in b) > 0
+        for ra, rb in zip(a, b, strict=True):
+            for ea, eb in zip(ra.retrievals, rb.retrievals, strict=True):
+                torch.testing.assert_close(eb.query_vec, ea.query_vec, atol=1e-4, rtol=1e-4)
+    assert fast._fast.mixed > 0 and separate._fast.mixed == 0
+    assert fast._fast.forwards == fast.stats["forwards"]  # one forward over the layers per engine step
+    assert separate._fast.forwards == separate.stats["forwards"] + fast._fast.mixed  # what mixing saves
+
+
+def test_mixed_step_is_one_forward_equal_to_separate_and_generic(setup, monkeypatch):
+    """Steps mixing decode tokens, paragraphs of different lengths (two at once), a short run and done
+    rows: the mixed step runs the layers once and gives the separate path's and the generic hidden/logits."""
+    model, _, _ = setup
+    prompts = [model.renderer.encode_prompt([Message("user", q)]) for q in QUESTIONS]
+    paras = [model.renderer.encode_paragraph(d.text) for d in DOCS[:4]] + [[9, 4]]
+    assert len({len(p) for p in paras}) > 2
+    calls = []
+    run_layers = fastpath.run_layers
+    monkeypatch.setattr(fastpath, "run_layers", lambda *a: calls.append(1) or run_layers(*a))
+    mixed, separate = FastDecoder(model), FastDecoder(model, mixed=False)
+    steppers = [mixed.stepper(5, 256), separate.stepper(5, 256), _CachedStepper(model, 5)]
+    schedule = [prompts,
+                [[7], paras[0], [11], [13], paras[1]],  # two runs, the last row's among them
+                [[8], [12], [], paras[2], [14]],  # a done row
+                [paras[3], [15], [], [16], paras[4]],  # decoding rows in the middle only
+                [[9], [17], [], [18], [19]]]  # decode only
+    for k, feeds in enumerate(schedule):
+        active = [i for i, f in enumerate(feeds) if f]
+        before = len(calls), mixed.forwards, separate.forwards
+        outs = [st.step(feeds, []) for st in steppers[:2]]
+        one_step = len(calls) - before[0]
+        outs.append(steppers[2].step(feeds, []))
+        mixing = 0 < sum(len(f) == 1 for f in feeds) < len(active)
+        assert mixed.forwards - before[1] == 1, k
+        assert separate.forwards - before[2] == (2 if mixing else 1), k
+        assert one_step == mixed.forwards - before[1] + separate.forwards - before[2]  # run_layers per forward
+        for hidden, logits in outs[1:]:
+            torch.testing.assert_close(outs[0][0][active], hidden[active], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(outs[0][1][active], logits[active], atol=1e-4, rtol=1e-4)
+    assert mixed.mixed == 3 and steppers[0].lengths == steppers[1].lengths
+    hist = [p + sum((f for f in (s[i] for s in schedule[1:])), []) for i, p in enumerate(prompts)]
+    assert steppers[0].lengths == [len(h) for h in hist]
+    ref, _ = model.hidden_states(torch.tensor([hist[0]]))  # row 0 ends on its last token after a paragraph
+    torch.testing.assert_close(outs[0][0][0], ref[0, -1], atol=1e-5, rtol=1e-4)
 
 
 def test_link_mode_and_second_call_reuse_the_cache(setup):

@@ -7,11 +7,16 @@ forward's hidden states and logits on a probe sequence, so norm offsets, embeddi
 like are refused, not silently wrong. A sliding window is accepted while the sequences fit in it.
 
 The cache is one tensor (L, 2, S, H_kv, T + 1, d) in the model dtype; row i of an engine batch owns
-slot i and a length. Rows feeding several tokens (a prompt, an inserted paragraph) are prefilled
-eagerly, straight into their slots. Rows feeding one token share the decode step, run over slots
-[0, bb) and cache columns [0, tb), both bucketed: on CUDA each (bb, tb) is captured once as a CUDA
-graph with static buffers and replayed. Slots in the bucket that do not decode this step write into
-the spare column T, which is never read. On CPU the same code runs eagerly (what the tests exercise).
+slot i and a length. Every step is ONE forward over the layers (every weight read once), in one of two
+forms. The step: rows feeding one token run over slots [0, bb) and cache columns [0, tb), and rows
+inserting a paragraph in the same step join it as p runs padded to `insert_width` tokens: the linear
+parts run once over the (1, bb + p * w) packed tokens, each token's K/V goes to its own slot and
+position, and attention is two SDPA calls (one query per decode slot; the runs' queries, causal, over
+their own slots' gathered columns), so decode rows never pay for the runs' width. bb, p, w and tb are
+bucketed: on CUDA each shape is captured once as a CUDA graph with static buffers and replayed (decode
+only: p = 0). Idle slots and padding write into the spare column T, which is never read. Steps where
+no row decodes (the prompts) are prefilled eagerly, straight into the slots. On CPU the same code runs
+eagerly (what the tests exercise); `mixed=False` keeps the older separate prefill as a reference.
 No weight is copied: the forward reads the HF model's parameters. Use: `Engine(model, index, fast=...)`,
 or build a `FastDecoder`, `warmup()` it and pass it as `fast=` (graphs captured before timing).
 """
@@ -32,6 +37,7 @@ __all__ = ["FastDecoder", "FastPathUnsupported", "fast_decoder", "unsupported_re
 log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+MAX_GRAPH_INSERTS = 8  # steps with more inserted runs than this run their (one) forward eagerly
 _PROBE = [5, 7, 11, 3, 2, 9, 13, 4]
 
 
@@ -72,20 +78,27 @@ class FastDecoder:
         required: raise (instead of returning no stepper) when a request does not fit (sliding window).
         compile: run the decode step through `torch.compile` (fuses the small element-wise kernels
             before the graph capture; costs a compilation per new shape; off by default).
+        mixed: rows feeding up to `insert_width` tokens (an inserted paragraph) join the decode rows'
+            forward (the mixed step); False prefills them in a separate forward (the reference).
     Raises FastPathUnsupported with the reason when the model is not supported.
     """
 
-    def __init__(self, model: OneGenModel, graphs: bool = True, required: bool = True, compile: bool = False):
+    def __init__(self, model: OneGenModel, graphs: bool = True, required: bool = True, compile: bool = False,
+                 mixed: bool = True):
         self.model = model
         self.required = required
+        self.mixed_steps = mixed
+        self.insert_width = _round_up(model.renderer.doc_max_length + 2, 16)  # every inserted run padded to it
         self.w = layout(model)
         self.device, self.dtype = model.device, model.dtype
         self.graphs = graphs and self.device.type == "cuda"
         self.kv: torch.Tensor | None = None  # (L, 2, S, H_kv, T + 1, d)
-        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._graphs: dict[tuple[int, int, int, int], _Graph] = {}  # (bb, p, w, tb)
         self._pool = None
-        self.replays = 0  # decode steps served by a captured graph
-        self._decode_fn = torch.compile(self._decode, fullgraph=True) if compile else self._decode
+        self.forwards = 0  # forwards over the layers (each reads every weight once)
+        self.replays = 0  # of which served by a captured graph
+        self.mixed = 0  # of which carried decode tokens and inserted runs together
+        self._forward_fn = torch.compile(self._forward, fullgraph=True) if compile else self._forward
         self._probe()
 
     # -- public ---------------------------------------------------------------------------------
@@ -140,68 +153,119 @@ class FastDecoder:
         self.kv = kv
 
     @torch.no_grad()
-    def warmup(self, batch_sizes: tuple[int, ...] = BATCH_BUCKETS, max_len: int = 2048) -> None:
-        """Allocate the cache and capture every decode graph now (so timings exclude capture)."""
+    def warmup(self, batch_sizes: tuple[int, ...] = BATCH_BUCKETS, max_len: int = 2048,
+               insert_rows: tuple[int, ...] = (1, 2)) -> None:
+        """Allocate the cache and capture every decode graph now (so timings exclude capture), and the mixed
+        step's graphs for steps where up to `insert_rows` rows insert a paragraph (others: on first use)."""
         self.reserve(max(batch_sizes), max_len)
         if not self.graphs:
             return
         for b in sorted({_batch_bucket(b) for b in batch_sizes}):
+            runs = sorted({_batch_bucket(p) for p in insert_rows if p <= b}) if self.mixed_steps else []
             for t in _len_buckets(self.capacity):
-                self._graph(b, t)
+                self._graph(b, 0, 0, t)
+                for p in runs:
+                    self._graph(b, p, self.insert_width, t)
 
-    # -- the decode step ------------------------------------------------------------------------
+    # -- the step: decode rows and inserted runs in one forward -----------------------------------
     @torch.no_grad()
-    def decode(self, tokens: list[int], write_pos: list[int], attend_len: list[int], tb: int,
-               graphs: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token for each of the first bb slots, written at `write_pos` and attending over the first
-        `attend_len` columns (of at most tb); returns hidden (bb, D) and logits (bb, V)."""
-        inputs = torch.tensor([tokens, write_pos, attend_len], dtype=torch.long)  # (3, bb): one copy
-        if not (self.graphs if graphs is None else graphs):
-            return self._decode_fn(inputs.to(self.device), tb)
-        g = self._graph(len(tokens), tb)
-        g.inputs.copy_(inputs)
-        g.graph.replay()
-        self.replays += 1
-        return g.hidden, g.logits
+    def run(self, bb: int, decode: dict[int, tuple[int, int]], inserts: list[tuple[int, list[int], int]],
+            graphs: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """ONE forward over the first `bb` slots' decode tokens and the inserted runs (weights read once).
 
-    def _graph(self, bb: int, tb: int) -> _Graph:
-        if (bb, tb) in self._graphs:
-            return self._graphs[(bb, tb)]
+        decode: slot -> (token, position) for the slots in [0, bb) that decode one token (the others idle);
+        inserts: (slot, tokens, start) for rows feeding up to `insert_width` tokens, written from `start`.
+        Returns hidden (bb + I, D) and logits (bb + I, V): slot s at row s, insert j at row bb + j."""
+        p = _batch_bucket(len(inserts)) if inserts else 0
+        w = self.insert_width if inserts else 0
+        need = max([q + 1 for _, q in decode.values()] + [s + len(f) for _, f, s in inserts] + [1])
+        inputs = torch.tensor(self._pack(bb, p, w, decode, inserts), dtype=torch.long)  # one copy to the device
+        tb = _len_bucket(need, self.capacity)
+        self.forwards += 1
+        self.mixed += bool(inserts)
+        if not (self.graphs if graphs is None else graphs) or p > MAX_GRAPH_INSERTS:
+            hidden, logits = self._forward_fn(inputs.to(self.device), bb, p, w, tb)
+        else:
+            g = self._graph(bb, p, w, tb)
+            g.inputs.copy_(inputs)
+            g.graph.replay()
+            self.replays += 1
+            hidden, logits = g.hidden, g.logits
+        return hidden[: bb + len(inserts)], logits[: bb + len(inserts)]
+
+    def _pack(self, bb: int, p: int, w: int, decode: dict[int, tuple[int, int]],
+              inserts: list[tuple[int, list[int], int]]) -> list[int]:
+        """The step's host-side inputs, flat: tokens, positions, slots, cache columns (n = bb + p * w each),
+        then the p inserted runs' last-token rows. Idle slots, padding tokens and padding runs write into
+        the spare column (never read); their outputs are dropped."""
+        n, spare, pad = bb + p * w, self.capacity, self.model.ids.pad
+        tokens, pos, slot, col, last = [pad] * n, [spare] * n, list(range(bb)) + [0] * (p * w), [spare] * n, [bb] * p
+        for s, (t, q) in decode.items():
+            tokens[s], pos[s], col[s] = t, q, q
+        for j, (s, feed, start) in enumerate(inserts):
+            base, m = bb + j * w, len(feed)
+            tokens[base: base + m] = feed
+            pos[base: base + w] = range(start, start + w)
+            slot[base: base + w] = [s] * w
+            col[base: base + m] = range(start, start + m)
+            last[j] = base + m - 1
+        return tokens + pos + slot + col + last
+
+    def _graph(self, bb: int, p: int, w: int, tb: int) -> _Graph:
+        key = (bb, p, w, tb)
+        if key in self._graphs:
+            return self._graphs[key]
         dev = self.device
-        inputs = torch.tensor([[self.model.ids.pad] * bb, [self.capacity] * bb, [1] * bb], device=dev)  # spare column
+        inputs = torch.tensor(self._pack(bb, p, w, {}, []), device=dev)  # every token idle
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):  # warm-up runs outside the capture (kernel selection, workspaces)
             for _ in range(2):
-                self._decode_fn(inputs, tb)
+                self._forward_fn(inputs, bb, p, w, tb)
         torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            hidden, logits = self._decode_fn(inputs, tb)
-        self._graphs[(bb, tb)] = g = _Graph(graph, inputs, hidden, logits)
+            hidden, logits = self._forward_fn(inputs, bb, p, w, tb)
+        self._graphs[key] = g = _Graph(graph, inputs, hidden, logits)
         return g
 
-    def _decode(self, inputs: torch.Tensor, tb: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The graph body: fixed shapes, no host synchronisation."""
-        w, kv = self.w, self.kv
-        tokens, write_pos, attend_len = inputs  # (bb,) each
-        bb, rep = tokens.shape[0], w.n_heads // w.n_kv
-        rows = torch.arange(bb, device=tokens.device)
-        mask = (torch.arange(tb, device=tokens.device)[None] < attend_len[:, None])[:, None, None]  # (bb,1,1,tb)
+    def _forward(self, inputs: torch.Tensor, bb: int, p: int, w: int, tb: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The graph body (fixed shapes, no host synchronisation): layers once over (1, bb + p * w) tokens.
+
+        Attention in two groups over the same cache: decode tokens, one query per slot [0, bb) against
+        that slot's first tb columns (what the decode-only step always did), and the p inserted runs, p * w
+        padded queries against their own slots' columns gathered (p, H_kv, tb, d), causal by position. No
+        decode row pays for the runs' width, and the gather copies only p slots."""
+        wl, kv = self.w, self.kv
+        n, rep, dev = bb + p * w, wl.n_heads // wl.n_kv, inputs.device
+        tokens, pos, slot, col = inputs[: 4 * n].view(4, n)
+        mask = torch.arange(tb, device=dev)[None] <= pos[:, None]  # (n, tb): each token up to its position
+        decode_mask = mask[:bb, None, None]  # (bb, 1, 1, tb)
+        if p:
+            run_slots = slot[bb:].view(p, w)[:, 0]  # (p,)
+            run_mask = mask[bb:].view(p, 1, 1, w, tb).expand(p, 1, rep, w, tb).reshape(p, 1, rep * w, tb)
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            kv[i, 0][rows, :, write_pos] = k[:, 0]  # (bb, H_kv, d) into each slot's column
-            kv[i, 1][rows, :, write_pos] = v[:, 0]
-            qg = q.reshape(bb, w.n_kv, rep, w.head_dim)  # query heads grouped by their KV head
-            out = F.scaled_dot_product_attention(qg, kv[i, 0, :bb, :, :tb], kv[i, 1, :bb, :, :tb],
-                                                 attn_mask=mask, scale=w.scaling)  # (bb, H_kv, rep, d)
-            return out.reshape(bb, 1, w.n_heads * w.head_dim)
+            kv[i, 0][slot, :, col] = k[0]  # (n, H_kv, d) into each token's slot and column
+            kv[i, 1][slot, :, col] = v[0]
+            qd = q[0, :bb].reshape(bb, wl.n_kv, rep, wl.head_dim)  # query heads grouped by their KV head
+            out = F.scaled_dot_product_attention(qd, kv[i, 0, :bb, :, :tb], kv[i, 1, :bb, :, :tb],
+                                                 attn_mask=decode_mask, scale=wl.scaling)  # (bb, H_kv, rep, d)
+            out = out.reshape(bb, wl.n_heads * wl.head_dim)
+            if p:
+                qr = q[0, bb:].view(p, w, wl.n_kv, rep, wl.head_dim).permute(0, 2, 3, 1, 4).reshape(
+                    p, wl.n_kv, rep * w, wl.head_dim)  # row r * w + s: group member r, token s
+                keys, vals = kv[i, 0, :, :, :tb][run_slots], kv[i, 1, :, :, :tb][run_slots]  # (p, H_kv, tb, d)
+                runs = F.scaled_dot_product_attention(qr, keys, vals, attn_mask=run_mask, scale=wl.scaling)
+                out = torch.cat([out, runs.view(p, wl.n_kv, rep, w, wl.head_dim).permute(0, 3, 1, 2, 4).reshape(
+                    p * w, wl.n_heads * wl.head_dim)])
+            return out[None]  # (1, n, H * d)
 
-        x = F.embedding(tokens[:, None], w.embed)  # (bb, 1, D)
-        x = run_layers(self.w, x, write_pos[:, None], attend)
-        hidden = rms(x[:, 0], w.norm)
+        x = run_layers(wl, F.embedding(tokens[None], wl.embed), pos[None], attend)  # (1, n, D)
+        rows = torch.cat([torch.arange(bb, device=dev), inputs[4 * n:]])  # (bb + p,) each row's last token
+        hidden = rms(x[0, rows], wl.norm)
         return hidden, self.model.logits(hidden)
 
     # -- prefill --------------------------------------------------------------------------------
@@ -213,6 +277,7 @@ class FastDecoder:
         Returns hidden (P, D) at each row's last new token and its logits (P, V); with
         `all_positions`, hidden (P, S, D) at every new token (right-padded) and no logits."""
         w, kv, dev = self.w, self.kv, self.device
+        self.forwards += 1
         n, width, rep = len(feeds), max(len(f) for f in feeds), w.n_heads // w.n_kv
         ids = torch.full((n, width), self.model.ids.pad, dtype=torch.long)
         for r, f in enumerate(feeds):
@@ -244,7 +309,8 @@ class FastDecoder:
 
     @torch.no_grad()
     def _probe(self) -> None:
-        """Refuse the model unless the compact forward (prefill + decode) reproduces the HF forward."""
+        """Refuse the model unless the compact forward (prefill, an inserted run, decode) reproduces the HF
+        forward."""
         hf = self.model.hf_model
         vocab = self.w.embed.shape[0]
         ids = [t % vocab for t in _PROBE]
@@ -255,22 +321,24 @@ class FastDecoder:
         finally:
             hf.train(was_training)
         self.reserve(1, 16)  # a temporary cache: the first stepper sizes the real one
-        split = len(ids) // 2
-        head, _ = self.prefill([0], [ids[:split]], [0], all_positions=True)
-        got = [head[0]]
-        for p in range(split, len(ids)):
-            hidden, _ = self._decode(torch.tensor([[ids[p]], [p], [p + 1]], device=self.device), self.capacity)
-            got.append(hidden)
+        head, _ = self.prefill([0], [ids[:3]], [0], all_positions=True)  # positions 0-2
+        got, w = [head[0]], self.insert_width
+        for bb, p, decode, inserts in ((1, 1, {}, [(0, ids[3:6], 3)]),  # position 5: a run, slot 0 idle
+                                       (1, 0, {0: (ids[6], 6)}, []), (1, 0, {0: (ids[7], 7)}, [])):
+            inputs = torch.tensor(self._pack(bb, p, w * p, decode, inserts), device=self.device)
+            hidden, _ = self._forward(inputs, bb, p, w * p, self.capacity)
+            got.append(hidden[-1:])
         got_hidden = torch.cat(got).float()
         got_logits = self.model.logits(got_hidden.to(self.dtype)).float()
+        seen = [0, 1, 2, 5, 6, 7]
         tol = 1e-4 if self.dtype == torch.float32 else 0.1  # structural mistakes are O(1)
-        for name, a, b in (("hidden states", got_hidden, ref.hidden_states[-1][0].float()),
-                           ("logits", got_logits, ref.logits[0].float())):
+        for name, a, b in (("hidden states", got_hidden, ref.hidden_states[-1][0, seen].float()),
+                           ("logits", got_logits, ref.logits[0, seen].float())):
             err = float((a - b).norm() / b.norm().clamp(min=1e-6))
             if not err <= tol:
                 raise FastPathUnsupported(f"the compact forward does not reproduce the model's {name} "
                                           f"(relative error {err:.2g}): a layer computes something else")
-        self.kv = None
+        self.kv, self.forwards = None, 0
 
 
 @dataclass
@@ -298,24 +366,24 @@ class _FastStepper:
                 raise FastPathUnsupported(f"a row outgrew the sliding window ({need} > {dec.w.window} tokens)")
             dec.reserve(n, max(need, 2 * dec.capacity), min_len=need)  # geometric: few re-captures
         parts: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
-        # 1. rows feeding one token: the (captured) decode step over slots [0, bb)
         one = [i for i, f in enumerate(feeds) if len(f) == 1]
+        many = [i for i, f in enumerate(feeds) if len(f) > 1]
+        joined = [i for i in many if len(feeds[i]) <= dec.insert_width] if one and dec.mixed_steps else []
+        alone = [i for i in many if i not in joined]
+        # 1. rows feeding one token, and inserted paragraphs with them: ONE forward over slots [0, bb)
         if one:
-            bb = _batch_bucket(one[-1] + 1)
-            tokens, write_pos, attend = [dec.model.ids.pad] * bb, [dec.capacity] * bb, [1] * bb
-            for i in one:
-                tokens[i], write_pos[i], attend[i] = feeds[i][0], self.lengths[i], self.lengths[i] + 1
-            tb = _len_bucket(max(attend), dec.capacity)
-            hidden, logits = dec.decode(tokens, write_pos, attend, tb)
+            bb = _batch_bucket(max(one + joined) + 1)  # the joined rows' slots too: fewer shapes to capture
+            hidden, logits = dec.run(bb, {i: (feeds[i][0], self.lengths[i]) for i in one},
+                                     [(i, feeds[i], self.lengths[i]) for i in joined])
             if len(one) == n:  # the common step: every row decodes (copies: graph outputs get overwritten)
                 self._advance(feeds)
                 return hidden[:n].clone(), logits[:n].clone()
-            parts.append((one, hidden[one], logits[one]))
-        # 2. rows feeding several tokens (prompt, inserted paragraph): prefilled eagerly into their slots
-        many = [i for i, f in enumerate(feeds) if len(f) > 1]
-        if many:
-            hidden, logits = dec.prefill(many, [feeds[i] for i in many], [self.lengths[i] for i in many])
-            parts.append((many, hidden, logits))
+            rows = torch.tensor(one + list(range(bb, bb + len(joined))), device=hidden.device)
+            parts.append((one + joined, hidden[rows], logits[rows]))
+        # 2. rows feeding more (prompts; paragraphs too when no row decodes or `mixed` is off): prefilled
+        if alone:
+            hidden, logits = dec.prefill(alone, [feeds[i] for i in alone], [self.lengths[i] for i in alone])
+            parts.append((alone, hidden, logits))
         self._advance(feeds)
         d, v = parts[0][1].shape[-1], parts[0][2].shape[-1]
         out_hidden = parts[0][1].new_zeros((n, d))
