@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import settings
 
 from onegen.config import ModelConfig, ScratchConfig, TokenizerConfig, TokensConfig
 from onegen.data import Corpus, Message, Retrieval, Sample, read_corpus, read_samples
@@ -22,6 +23,10 @@ from onegen.synth import synth
 from onegen.tokenizer import train_bpe
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# CI runs the same hypothesis examples every time (a failure there is reproducible); locally they vary
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 # Tiny models: one thread is fastest, and with more, OpenMP spin-waiting on a busy 2-core machine makes a
 # 64-wide matmul 40x slower. Subprocesses (the CLI, torchrun) inherit the variable.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -76,7 +76,8 @@ _RECORD = st.fixed_dictionaries({}, optional={
 
 
 def _lines(records: list) -> bytes:
-    return "".join(r if isinstance(r, str) else json.dumps(r) + "\n" for r in records).encode()
+    # a raw string may hold lone surrogates: their bytes are not valid UTF-8, which readers must report
+    return "".join(r if isinstance(r, str) else json.dumps(r) + "\n" for r in records).encode("utf-8", "surrogatepass")
 
 
 _READERS = {
