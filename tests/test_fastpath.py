@@ -124,9 +124,9 @@ def test_mixed_step_is_one_forward_equal_to_separate_and_generic(setup, monkeypa
     mixed, separate = FastDecoder(model), FastDecoder(model, mixed=False)
     steppers = [mixed.stepper(5, 256), separate.stepper(5, 256), _CachedStepper(model, 5)]
     schedule = [prompts,
-                [[7], paras[0], [11], [13], paras[1]],  # two runs, the last row's among them
-                [[8], [12], [], paras[2], [14]],  # a done row
-                [paras[3], [15], [], [16], paras[4]],  # decoding rows in the middle only
+                [[7], paras[0], paras[1], [13], paras[2]],  # three runs (a padding run in the bucket of 4)
+                [[8], [12], [], [14], paras[4]],  # a done row; a short run in the last row
+                [paras[3], [15], [], [16], [17]],  # the first row's run
                 [[9], [17], [], [18], [19]]]  # decode only
     for k, feeds in enumerate(schedule):
         active = [i for i, f in enumerate(feeds) if f]
@@ -146,6 +146,12 @@ def test_mixed_step_is_one_forward_equal_to_separate_and_generic(setup, monkeypa
     assert steppers[0].lengths == [len(h) for h in hist]
     ref, _ = model.hidden_states(torch.tensor([hist[0]]))  # row 0 ends on its last token after a paragraph
     torch.testing.assert_close(outs[0][0][0], ref[0, -1], atol=1e-5, rtol=1e-4)
+    long = [(5 * j) % 250 + 3 for j in range(mixed.insert_width + 1)]  # wider than a paragraph: prefilled
+    feeds = [[9], [21], [], long, [22]]
+    before = mixed.forwards
+    (hidden, logits), (_, ref_logits) = steppers[0].step(feeds, []), steppers[2].step(feeds, [])
+    assert mixed.forwards - before == 2 and mixed.mixed == 3
+    torch.testing.assert_close(logits[[0, 1, 3, 4]], ref_logits[[0, 1, 3, 4]], atol=1e-4, rtol=1e-4)
 
 
 def test_link_mode_and_second_call_reuse_the_cache(setup):
@@ -272,7 +278,8 @@ def _divergence_is_a_near_tie(model, question, got, ref) -> bool:
 
 @pytest.mark.gpu
 def test_cuda_graphs_give_the_generic_tokens(tok_dir):
-    """On CUDA: graph replay == eager fast path; == generic path in fp32, and in bf16 up to near-ties."""
+    """On CUDA: graph replay (mixed steps included) == eager fast path; == generic path in fp32, and in bf16
+    up to near-ties."""
     assert torch.cuda.is_available()
     for dtype in (torch.float32, torch.bfloat16):
         model = _build(tok_dir, *ARCHS["qwen3-qknorm"]).to("cuda", dtype)
@@ -281,15 +288,18 @@ def test_cuda_graphs_give_the_generic_tokens(tok_dir):
         assert isinstance(Engine(model, index, corpus=corpus)._fast, FastDecoder)  # auto: on, on CUDA
         dec = FastDecoder(model)
         assert dec.graphs
-        dec.warmup((1, 8), 256)
+        dec.warmup((1, 8), 256)  # decode graphs for bb 1, 8 and tb 128, 256; mixed: 1-2 runs at bb 8
         captured = len(dec._graphs)
         eager = FastDecoder(model, graphs=False)
-        runs = [Engine(model, index, corpus=corpus, fast=f).generate(QUESTIONS, **GEN) for f in (dec, eager, False)]
-        assert captured == 4 and len(dec._graphs) == captured and dec.replays > 0  # warmed-up graphs replayed
-        graph, plain, generic = runs
+        separate = FastDecoder(model, mixed=False)
+        runs = [Engine(model, index, corpus=corpus, fast=f).generate(QUESTIONS, **GEN)
+                for f in (dec, eager, separate, False)]
+        assert captured == 8 and len(dec._graphs) == captured  # warmed-up graphs replayed, none added
+        assert dec.mixed > 0 and dec.replays == dec.forwards - 1  # every step but the prompts' one replayed
+        graph, plain, sep, generic = runs
         assert [r.token_ids for r in graph] == [r.token_ids for r in plain]  # the same kernels, captured or not
         if dtype == torch.float32:
-            assert [r.token_ids for r in graph] == [r.token_ids for r in generic]
+            assert [r.token_ids for r in graph] == [r.token_ids for r in generic] == [r.token_ids for r in sep]
         else:
             assert all(_divergence_is_a_near_tie(model, q, g, r) for q, g, r in zip(QUESTIONS, graph, generic,
                                                                                    strict=True))

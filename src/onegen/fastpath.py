@@ -161,7 +161,7 @@ class FastDecoder:
         if not self.graphs:
             return
         for b in sorted({_batch_bucket(b) for b in batch_sizes}):
-            runs = sorted({_batch_bucket(p) for p in insert_rows if p <= b}) if self.mixed_steps else []
+            runs = sorted({_batch_bucket(p) for p in insert_rows if p < b}) if self.mixed_steps else []  # + 1 decoding
             for t in _len_buckets(self.capacity):
                 self._graph(b, 0, 0, t)
                 for p in runs:
