@@ -177,3 +177,15 @@ def test_saved_config_round_trips(config_dir, tmp_path):
     again = TrainConfig.from_yaml(tmp_path / "saved.yaml")
     assert again.to_dict() == c.to_dict()
     assert yaml.safe_load((tmp_path / "saved.yaml").read_text())["train"]["lora"]["r"] == 8
+
+
+def test_yaml_booleans_are_only_true_and_false(tmp_path):
+    """`precision: no` (a documented value) must stay the string "no", in files and in overrides."""
+    from onegen.config import TrainConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {train: t.jsonl}\ntrain: {precision: no, resume: false}\noutput_dir: run\n")
+    cfg = TrainConfig.from_yaml(path)
+    assert cfg.train.precision == "no" and cfg.train.resume is False
+    cfg = TrainConfig.from_yaml(path, ["--train.precision", "no", "--train.progress", "false"])
+    assert cfg.train.precision == "no" and cfg.train.progress is False

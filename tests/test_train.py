@@ -300,6 +300,15 @@ def test_run_directory_files(tmp_path, qa_world, capsys):
     assert not [p for p in run.rglob(".*")]  # no temporary leftovers
 
 
+def test_train_twice_in_one_process_with_other_precisions(tmp_path, qa_world):
+    """accelerate keeps one state per process; a second run with another precision must still start."""
+    for precision in ("bf16", "no"):
+        path = _write_config(tmp_path / f"{precision}.yaml", _config(tmp_path / precision, qa_world))
+        assert main(["train", "--config", str(path), "--no-progress", "--train.max_steps", "1",
+                     "--train.precision", precision]) == 0
+        assert (tmp_path / precision / "run" / "model" / "onegen.json").is_file()
+
+
 def test_lora_run_saves_adapter(tmp_path, qa_world, tiny_model_dir):
     """LoRA on a pretrained OneGen model through the trainer; the saved adapter reloads."""
     from onegen.model import OneGenModel

@@ -8,6 +8,7 @@ saying which key and how to fix it. This module imports nothing else of onegen b
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_origin, get_type_hints
@@ -192,7 +193,7 @@ class TrainConfig:
         if not path.is_file():
             raise OneGenError("config file not found", file=str(path))
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
         except yaml.YAMLError as e:
             line = getattr(getattr(e, "problem_mark", None), "line", None)
             raise OneGenError(f"malformed YAML: {getattr(e, 'problem', e)}", file=str(path),
@@ -230,6 +231,18 @@ class TrainConfig:
                               field="tokenizer")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 booleans: only true/false are booleans, so `precision: no` stays the string
+    "no" (YAML 1.1 also reads yes/no/on/off as booleans)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `["--a.b", "value", ...]` or `["a.b=value"]` overrides; values are parsed as YAML."""
     data = dict(data)
@@ -255,7 +268,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             child = dict(child) if isinstance(child, dict) else {}
             node[p] = child
             node = child
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = yaml.load(value, Loader=_Loader)
     return data
 
 

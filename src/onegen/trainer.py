@@ -111,6 +111,20 @@ def _precision(name: str) -> str:
     return "no"
 
 
+def _accelerator(precision: str, cpu: bool):
+    """An `Accelerator` for this run. accelerate keeps one state per process and refuses a second one
+    with another precision, so a later `train()` in the same process (another config, the demo's
+    several models) first resets the precision state; the process group (PartialState) is kept."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != precision:
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+    return Accelerator(mixed_precision=precision, cpu=cpu)
+
+
 def _latest_checkpoint(run_dir: Path) -> Path | None:
     ckpts = [p for p in (run_dir / CKPT_DIR).glob("step-*") if (p / STATE_FILE).is_file()]
     return max(ckpts, key=lambda p: int(p.name.split("-")[1]), default=None)
@@ -141,7 +155,6 @@ def _step_indices(n: int, global_batch: int, step: int, seed: int) -> list[int]:
 
 def train(config: TrainConfig, progress: bool | None = None) -> Path:
     """Train a OneGen model as the config says; returns the run directory."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
@@ -149,7 +162,7 @@ def train(config: TrainConfig, progress: bool | None = None) -> Path:
     tc = config.train
     corpus, samples = load_training_data(config)  # 1. validate inputs before writing anything
     cpu = not torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision=_precision(tc.precision), cpu=cpu)
+    accelerator = _accelerator(_precision(tc.precision), cpu)
     rank, world = accelerator.process_index, accelerator.num_processes
     run_dir = Path(config.output_dir)
     set_seed(tc.seed)
