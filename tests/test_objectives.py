@@ -63,3 +63,24 @@ def test_single_objective_step_has_gradients(fresh_model, corpus, samples):
 def test_both_weights_zero_is_refused():
     with pytest.raises(OneGenError, match="not both 0"):
         LossConfig(lm_weight=0.0, retrieval_weight=0.0)
+
+
+def test_query_token_weight_scales_only_the_query_targets(tiny_model, corpus, samples):
+    rendered = [r for r in (tiny_model.renderer.render(s) for s in samples[:6]) if r is not None]
+    make = lambda **kw: Collator(corpus, tiny_model.renderer.encode_document, tiny_model.ids.pad, 2, True, **kw)  # noqa: E731
+    plain = make(query_id=tiny_model.ids.query)(rendered, random.Random(0))
+    weighted = make(query_id=tiny_model.ids.query, query_weight=5.0)(rendered, random.Random(0))
+    assert "lm_weights" not in plain  # weight 1: nothing changes
+    is_query = weighted["lm_targets"] == tiny_model.ids.query
+    assert is_query.any() and torch.equal(weighted["lm_weights"], torch.where(is_query, 5.0, 1.0))
+    with torch.no_grad():
+        out = tiny_model(weighted)
+        per_token = torch.nn.functional.cross_entropy(tiny_model.logits(out["gen_hidden"]).float(),
+                                                      out["lm_targets"], reduction="none")
+        from onegen.losses import lm_cross_entropy
+
+        expected = (per_token * weighted["lm_weights"]).sum()
+        torch.testing.assert_close(lm_cross_entropy(out["gen_hidden"], out["lm_targets"], tiny_model.logits,
+                                                    chunk_size=7, weights=weighted["lm_weights"]), expected)
+        torch.testing.assert_close(lm_cross_entropy(tiny_model.logits(out["gen_hidden"]), out["lm_targets"],
+                                                    weights=weighted["lm_weights"]), expected)

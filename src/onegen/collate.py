@@ -40,11 +40,15 @@ class Collator:
         lm: False for retrieval-only training (`loss.lm_weight: 0`): no LM targets, and each sample is
             cut after its last query token (later tokens cannot change a causal query vector).
         retrieval: False for generation-only training (`loss.retrieval_weight: 0`): no documents.
+        query_id, query_weight: LM targets equal to `query_id` get weight `query_weight`
+            (`loss.query_token_weight`; the batch then carries `lm_weights`).
     """
 
     def __init__(self, corpus: Corpus | None, encode_document: Callable[[str], list[int]], pad_id: int,
-                 negatives: int = 4, in_batch_negatives: bool = True, lm: bool = True, retrieval: bool = True):
+                 negatives: int = 4, in_batch_negatives: bool = True, lm: bool = True, retrieval: bool = True,
+                 query_id: int | None = None, query_weight: float = 1.0):
         self.corpus = corpus
+        self.query_id, self.query_weight = query_id, query_weight
         self.lm, self.retrieval = lm, retrieval
         self.encode_document = encode_document
         self.pad_id = pad_id
@@ -115,6 +119,9 @@ class Collator:
             batch["doc_input_ids"] = torch.zeros((0, 1), dtype=torch.long)
             batch["doc_attention_mask"] = torch.zeros((0, 1), dtype=torch.long)
         batch["in_batch_negatives"] = torch.tensor(self.in_batch_negatives)
+        if self.query_id is not None and self.query_weight != 1.0:
+            targets_t = batch["lm_targets"]
+            batch["lm_weights"] = torch.where(targets_t == self.query_id, self.query_weight, 1.0)
         return batch
 
 

@@ -110,6 +110,7 @@ class LossConfig:
     temperature: float = 0.02
     lm_weight: float = 1.0
     retrieval_weight: float = 1.0
+    query_token_weight: float = 1.0  # LM loss weight of query-token targets: learning WHEN to retrieve
     negatives: int = 4  # per query: hard negatives from the sample, topped up at random
     in_batch_negatives: bool = True  # other queries' positives count as negatives
     gather_across_ranks: bool = True  # all-gather document vectors (with gradients) under DDP
@@ -120,6 +121,8 @@ class LossConfig:
             raise OneGenError("must be > 0", field="loss.temperature")
         if self.negatives < 0:
             raise OneGenError("must be >= 0", field="loss.negatives")
+        if self.query_token_weight < 0:
+            raise OneGenError("must be >= 0", field="loss.query_token_weight")
         if self.lm_weight < 0 or self.retrieval_weight < 0 or self.lm_weight + self.retrieval_weight <= 0:
             raise OneGenError("loss.lm_weight and loss.retrieval_weight must be >= 0 and not both 0 "
                               "(0 turns that objective off: generation-only or retrieval-only training)",

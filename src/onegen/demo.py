@@ -73,6 +73,7 @@ class DemoRecipe:
     batch_size: int = 8
     lr: float = 3.0e-4
     temperature: float = 0.05
+    query_token_weight: float = 1.0  # LM loss weight of [RQ] targets (when to retrieve)
     negatives: int = 0  # per query; the other queries' documents in the batch are negatives anyway
     max_length: int = 160
     doc_max_length: int = 64
@@ -226,7 +227,7 @@ def train_config(recipe: DemoRecipe, train_file: Path, corpus_file: str, out: Pa
         "data": {"train": str(train_file), "corpus": corpus_file, "max_length": r.max_length,
                  "doc_max_length": r.doc_max_length},
         "loss": {"temperature": r.temperature, "negatives": r.negatives, "lm_weight": lm_weight,
-                 "retrieval_weight": retrieval_weight},
+                 "retrieval_weight": retrieval_weight, "query_token_weight": r.query_token_weight},
         "train": {"max_steps": r.scratch_steps if scratch else r.steps,
                   "batch_size": r.scratch_batch_size if scratch else r.batch_size,
                   "lr": r.scratch_lr if scratch else r.lr, "warmup_steps": 10, "seed": r.seed, "resume": False,

@@ -24,24 +24,31 @@ from .config import LossConfig
 
 def lm_cross_entropy(gen_hidden: torch.Tensor, targets: torch.Tensor,
                      head: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                     chunk_size: int = 2048) -> torch.Tensor:
-    """Summed CE. `gen_hidden` (N, D) with `head`, or logits (N, V) when `head` is None."""
+                     chunk_size: int = 2048, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed CE (each target's term times its weight, when `weights` (N,) is given). `gen_hidden`
+    (N, D) with `head`, or logits (N, V) when `head` is None."""
     if targets.numel() == 0:
         return gen_hidden.sum() * 0.0
     if head is None:
-        return F.cross_entropy(gen_hidden.float(), targets, reduction="sum")
+        return _weighted_sum(F.cross_entropy(gen_hidden.float(), targets, reduction="none"), weights)
     total = gen_hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.shape[0], chunk_size):
         h, t = gen_hidden[start:start + chunk_size], targets[start:start + chunk_size]
+        w = None if weights is None else weights[start:start + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad:
-            total = total + checkpoint(_chunk_ce, h, t, head, use_reentrant=False)
+            total = total + checkpoint(_chunk_ce, h, t, head, w, use_reentrant=False)
         else:
-            total = total + _chunk_ce(h, t, head)
+            total = total + _chunk_ce(h, t, head, w)
     return total
 
 
-def _chunk_ce(h: torch.Tensor, t: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    return F.cross_entropy(head(h).float(), t, reduction="sum")
+def _chunk_ce(h: torch.Tensor, t: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+              w: torch.Tensor | None = None) -> torch.Tensor:
+    return _weighted_sum(F.cross_entropy(head(h).float(), t, reduction="none"), w)
+
+
+def _weighted_sum(ce: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    return ce.sum() if weights is None else (ce * weights.to(ce.dtype)).sum()
 
 
 def candidate_mask(query_targets: torch.Tensor, doc_keys: torch.Tensor, pos_keys: torch.Tensor,
@@ -128,10 +135,11 @@ class Objective:
     def __call__(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
                  head: Callable[[torch.Tensor], torch.Tensor] | None, n_gen: float, n_queries: float,
                  world_size: int = 1, gather: bool = False) -> dict[str, torch.Tensor]:
+        weights = batch.get("lm_weights")
         if "gen_logits" in out:
-            lm_sum = lm_cross_entropy(out["gen_logits"], out["lm_targets"])
+            lm_sum = lm_cross_entropy(out["gen_logits"], out["lm_targets"], weights=weights)
         else:
-            lm_sum = lm_cross_entropy(out["gen_hidden"], out["lm_targets"], head)
+            lm_sum = lm_cross_entropy(out["gen_hidden"], out["lm_targets"], head, weights=weights)
         doc_vecs, doc_keys, offset = out["doc_vecs"], batch["doc_keys"], 0
         if gather:
             doc_vecs, doc_keys, offset = gather_docs(doc_vecs, doc_keys)

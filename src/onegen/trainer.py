@@ -174,7 +174,8 @@ def train(config: TrainConfig, progress: bool | None = None) -> Path:
         if not rendered:
             raise OneGenError("loss.lm_weight is 0 but no training sample has a query token", field="loss.lm_weight")
     collator = Collator(corpus, model.renderer.encode_document, model.ids.pad, config.loss.negatives,
-                        config.loss.in_batch_negatives, lm=lm_on, retrieval=ret_on)
+                        config.loss.in_batch_negatives, lm=lm_on, retrieval=ret_on, query_id=model.ids.query,
+                        query_weight=config.loss.query_token_weight)
     objective = Objective(config.loss)
 
     global_batch = tc.batch_size * world
