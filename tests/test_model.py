@@ -232,3 +232,21 @@ def test_bad_model_dir_is_a_user_error(tmp_path):
 
     with pytest.raises(OneGenError):
         OneGenModel.from_pretrained(tmp_path / "nothing-here")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gpt2", "gpt_neox", "falcon"])
+def test_scratch_models_of_any_family_save_and_load(arch, tiny_tokenizer, tmp_path):
+    """Sizes go in when the config is made: fields derived from them (Qwen3's per-layer `layer_types`)
+    agree, read-only properties (Falcon's head_dim) are left alone, and the saved model loads back."""
+    from transformers import AutoModelForCausalLM
+
+    from onegen.config import ModelConfig, ScratchConfig
+    from onegen.model import build_scratch_lm
+
+    lm = build_scratch_lm(ModelConfig(scratch=ScratchConfig(architecture=arch, hidden_size=32, num_layers=2,
+                                                            num_heads=2)), tiny_tokenizer)
+    lm.save_pretrained(str(tmp_path))
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    assert back.config.num_hidden_layers == 2 and back.config.vocab_size == len(tiny_tokenizer)
+    ids = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(back(ids).logits, lm.eval()(ids).logits)

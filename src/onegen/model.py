@@ -426,8 +426,16 @@ def build_scratch_lm(cfg: ModelConfig, tokenizer) -> nn.Module:
               "head_dim": s.hidden_size // s.num_heads,
               "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
               "pad_token_id": tokenizer.pad_token_id, **s.extra}
-    for key, value in values.items():
-        if hasattr(config, key) or key in attribute_map:
+    def settable(key: str) -> bool:  # not a derived, read-only property (e.g. Falcon's head_dim)
+        prop = getattr(type(config), key, None)
+        return not (isinstance(prop, property) and prop.fset is None)
+
+    known = {k: v for k, v in values.items() if (hasattr(config, k) or k in attribute_map) and settable(k)}
+    # built again with the sizes as arguments, so fields a config derives from them when it is made
+    # (e.g. one `layer_types` entry per layer) agree with them; setting them afterwards would not
+    config = AutoConfig.for_model(s.architecture, **known)
+    for key, value in known.items():  # configs that ignore an argument still get the attribute
+        if getattr(config, key, None) != value:
             setattr(config, key, value)
     if getattr(config, "is_decoder", None) is False:
         config.is_decoder = True
