@@ -1,4 +1,4 @@
-"""Tests of the paper's files (onegen.original): its db.jsonl / train.jsonl read as they are, its workflow
+"""Tests of the paper's files (onegen.original, onegen.workflow): its db.jsonl / train.jsonl read as they are, its workflow
 JSON mapped onto TrainConfig, `onegen train --workflow` end to end, and that nothing read is executed
 (class names, pickled indexes and weights, trust_remote_code)."""
 
@@ -19,7 +19,8 @@ from conftest import write_jsonl
 from onegen.cli import main
 from onegen.config import TokensConfig, TrainConfig
 from onegen.errors import OneGenError
-from onegen.original import load_workflow, read_original, read_original_db, read_original_train
+from onegen.original import read_original, read_original_db, read_original_train
+from onegen.workflow import load_workflow
 
 FIXTURES = Path(__file__).parent / "data" / "original"
 Q, D = "[Question Representation]", "[Document Fragment Representation]"
@@ -155,7 +156,7 @@ def test_untargeted_query_tokens_are_generated_without_retrieval_loss(tiny_model
 # -- the workflow JSON ---------------------------------------------------------------------------
 
 def test_workflow_maps_onto_train_config(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="onegen.original"):
+    with caplog.at_level(logging.WARNING, logger="onegen.workflow"):
         cfg = load_workflow(_workflow(tmp_path))
     assert (cfg.loss.type, cfg.loss.temperature, cfg.loss.negatives, cfg.loss.in_batch_negatives) == \
         ("bpr", 1.0, 2, False)  # the paper's BPR: raw cosines, own negatives only

@@ -15,7 +15,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from .trainer import train
 
     if args.workflow:
-        from .original import load_workflow
+        from .workflow import load_workflow
 
         config = load_workflow(args.workflow, extra)
     else:
