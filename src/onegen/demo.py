@@ -69,7 +69,7 @@ class DemoRecipe:
     size: int = 500  # entities (= documents): 3,510 training samples, more than the 1,920 drawn
     seed: int = 0
     eval_items: int = 100  # held-out items scored per task
-    steps: int = 240  # optimizer steps of the MiniLM OneGen model
+    steps: int = 270  # optimizer steps of the MiniLM OneGen model (240: single-hop EM 0.73, EL F1 0.71)
     batch_size: int = 8
     lr: float = 3.0e-4
     temperature: float = 0.05
@@ -77,7 +77,7 @@ class DemoRecipe:
     negatives: int = 0  # per query; the other queries' documents in the batch are negatives anyway
     max_length: int = 160
     doc_max_length: int = 64
-    scratch_steps: int = 240  # the from-scratch Llama: same data, its own BPE tokenizer
+    scratch_steps: int = 270  # the from-scratch Llama: same data, its own BPE tokenizer
     scratch_batch_size: int = 8  # the same samples as the MiniLM model sees
     scratch_lr: float = 1.0e-3
     scratch_hidden: int = 128
