@@ -27,6 +27,7 @@ import contextlib
 import json
 import math
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -108,23 +109,31 @@ class FlatBackend:
         return torch.cat([s for s, _ in parts]).cpu(), torch.cat([i for _, i in parts]).cpu()
 
     def _topk(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Running top-k over row chunks: each chunk's best k merged with the best so far."""
         assert self.matrix is not None
-        best_s = torch.empty((q.shape[0], 0), device=self.device)
-        best_i = torch.empty((q.shape[0], 0), dtype=torch.long, device=self.device)
-        for start in range(0, self.matrix.shape[0], self.chunk_rows):
-            scores = (q @ self.matrix[start:start + self.chunk_rows].T).float()  # (B, chunk)
-            s, i = scores.topk(min(k, scores.shape[1]), dim=1)
-            cand_s, cand_i = torch.cat([best_s, s], 1), torch.cat([best_i, i + start], 1)
-            best_s, pos = cand_s.topk(min(k, cand_s.shape[1]), dim=1)
-            best_i = cand_i.gather(1, pos)
-        return best_s, best_i
+        m = self.matrix
+        chunks = ((start, (q @ m[start:start + self.chunk_rows].T).float())  # (B, chunk)
+                  for start in range(0, m.shape[0], self.chunk_rows))
+        return running_topk(chunks, k, q.shape[0], self.device)
 
     def save(self, directory: Path) -> None:
         pass  # vectors.npy, written by Index, is the whole state
 
     def load(self, directory: Path, vectors: torch.Tensor) -> None:
         self.add(vectors)
+
+
+def running_topk(chunks: Iterable[tuple[int, torch.Tensor]], k: int, n_queries: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k over row chunks given as (first row, scores (B, chunk) float32): each chunk's best k merged
+    with the best so far, so only k candidates per query are ever kept."""
+    best_s = torch.empty((n_queries, 0), device=device)
+    best_i = torch.empty((n_queries, 0), dtype=torch.long, device=device)
+    for start, scores in chunks:
+        s, i = scores.topk(min(k, scores.shape[1]), dim=1)
+        cand_s, cand_i = torch.cat([best_s, s], 1), torch.cat([best_i, i + start], 1)
+        best_s, pos = cand_s.topk(min(k, cand_s.shape[1]), dim=1)
+        best_i = cand_i.gather(1, pos)
+    return best_s, best_i
 
 
 def _import_faiss() -> Any:

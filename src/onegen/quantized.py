@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import OneGenError
-from .index import _MAX_BLOCK, FlatBackend, _empty, _normalize
+from .index import _MAX_BLOCK, FlatBackend, _empty, _normalize, running_topk
 
 
 def quantize_int8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,15 +88,11 @@ class FlatInt8Backend:
     def _search_block(self, q: torch.Tensor, q8: torch.Tensor, k: int, short: int
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.codes is not None and self.scales is not None and self.exact.matrix is not None
-        best_s = torch.empty((q.shape[0], 0), device=self.device)
-        best_i = torch.empty((q.shape[0], 0), dtype=torch.long, device=self.device)
-        for start in range(0, self.codes.shape[0], self.chunk_rows):
-            codes = self.codes[start:start + self.chunk_rows]
-            approx = _int8_dot(q8, codes).float() * self.scales[start:start + codes.shape[0]]  # (B, chunk)
-            s, i = approx.topk(min(short, approx.shape[1]), dim=1)
-            cand_s, cand_i = torch.cat([best_s, s], 1), torch.cat([best_i, i + start], 1)
-            best_s, pos = cand_s.topk(min(short, cand_s.shape[1]), dim=1)
-            best_i = cand_i.gather(1, pos)
+        codes, scales = self.codes, self.scales
+        chunks = ((start, _int8_dot(q8, codes[start:start + self.chunk_rows]).float()
+                   * scales[start:start + self.chunk_rows])  # (B, chunk) approximate scores
+                  for start in range(0, codes.shape[0], self.chunk_rows))
+        _, best_i = running_topk(chunks, short, q.shape[0], self.device)
         rows = self.exact.matrix[best_i]  # (B, short, D): the shortlist in full precision
         exact = torch.einsum("bd,bcd->bc", q.to(rows.dtype), rows).float()
         scores, pos = exact.topk(k, dim=1)

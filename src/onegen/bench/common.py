@@ -154,8 +154,8 @@ def table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> st
 
 
 def write_outputs(result: dict[str, Any], out: str | Path, name: str,
-                  plot: Callable[[dict[str, Any], Path], None]) -> None:
-    """`<out>/<name>.json` (atomic) and `<out>/<name>.png`."""
+                  plot: Callable[[dict[str, Any]], Any]) -> None:
+    """`<out>/<name>.json` and `<out>/<name>.png` (both atomic); `plot` returns a matplotlib figure."""
     from ..io import write_json_atomic
 
     out = Path(out)
@@ -164,7 +164,12 @@ def write_outputs(result: dict[str, Any], out: str | Path, name: str,
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plot(result)
+    fig.tight_layout()
     tmp = out / f".{name}.tmp.png"
-    plot(result, tmp)
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
     tmp.replace(out / f"{name}.png")
     print(f"wrote {out / (name + '.json')} and {out / (name + '.png')}")

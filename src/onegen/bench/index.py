@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -116,7 +115,7 @@ SEARCH_COLUMNS = [("method", "search", ""), ("dtype", "dtype", ""), ("rows", "ro
                   ("bw_frac", "of bw", ".2f"), ("recall", "recall@k", ".4f")]
 
 
-def _plot(result: dict[str, Any], path: Path) -> None:
+def _plot(result: dict[str, Any]) -> Any:
     import matplotlib.pyplot as plt
 
     emb = [r for r in result["rows"] if r["part"] == "embed"]
@@ -128,9 +127,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     for i, r in enumerate(srch):
         ax[1].annotate(f"recall {r['recall']:.3f}", (i, r["ms"]), ha="center", va="bottom", fontsize=8)
     ax[1].set(ylabel="ms per query batch", title="Exact top-k search")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -198,7 +198,7 @@ MEMORY_COLUMNS = [("mode", "mode", ""), ("peak_gb", "peak GB", ".2f"), ("weights
                   ("over_pipeline", "/pipeline", ".3f")]
 
 
-def _plot(result: dict[str, Any], path: Path) -> None:
+def _plot(result: dict[str, Any]) -> Any:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
@@ -230,9 +230,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     mem = [r for r in rows if r["part"] == "memory"]
     ax[2].bar([r["mode"] for r in mem], [r["peak_gb"] for r in mem], color="tab:green")
     ax[2].set(ylabel="peak memory (GB)", title="Peak memory per mode")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:

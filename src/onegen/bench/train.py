@@ -20,7 +20,6 @@ import argparse
 import random
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -263,7 +262,7 @@ COLUMNS = [("model", "model", ""), ("checkpointing", "ckpt", ""), ("real_tokens"
            ("act_ratio", "act ratio", ".2f"), ("loss_diff", "|dloss|", ".1e")]
 
 
-def _plot(result: dict[str, Any], path: Path) -> None:
+def _plot(result: dict[str, Any]) -> Any:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
@@ -277,9 +276,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     ax[1].bar([i - 0.2 for i in x], [r["naive_act_gb"] or 0 for r in rows], 0.4, label="paper-style (0: OOM)")
     ax[1].bar([i + 0.2 for i in x], [r["onegen_act_gb"] or 0 for r in rows], 0.4, label="onegen")
     ax[1].set(xticks=list(x), xticklabels=labels, ylabel="GB", title="Activation memory (peak - weights - grads)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
