@@ -92,13 +92,18 @@ def _add_units(corpus: CorpusBuilder, title: str, sentences: list[str], unit: st
     return [corpus.add(title, " ".join(s.split())) if s.strip() else None for s in sentences]
 
 
+def _column_pairs(rec: Record, raw: dict, field: str, column: str, shape: str) -> list[list]:
+    """A Hugging Face column dict {"title": [...], column: [...]} as [title, value] pairs."""
+    titles, values = raw.get("title"), raw.get(column)
+    if not isinstance(titles, list) or not isinstance(values, list) or len(titles) != len(values):
+        raise rec.error(f"expected {{'title': [...], '{column}': {shape}}} of equal lengths", field)
+    return [list(pair) for pair in zip(titles, values, strict=True)]
+
+
 def _context(rec: Record) -> list[tuple[str, list[str]]]:
     raw = rec.first(("context",), (list, dict))
     if isinstance(raw, dict):  # Hugging Face datasets: {"title": [...], "sentences": [[...], ...]}
-        titles, sents = raw.get("title"), raw.get("sentences")
-        if not isinstance(titles, list) or not isinstance(sents, list) or len(titles) != len(sents):
-            raise rec.error("expected {'title': [...], 'sentences': [[...], ...]} of equal lengths", "context")
-        raw = [list(pair) for pair in zip(titles, sents, strict=True)]
+        raw = _column_pairs(rec, raw, "context", "sentences", "[[...], ...]")
     out = []
     for i, pair in enumerate(raw):
         key = f"context[{i}]"
@@ -118,10 +123,7 @@ def _supporting_facts(rec: Record) -> list[tuple[str, int]]:
     if raw is None:
         return []
     if isinstance(raw, dict):  # Hugging Face datasets: {"title": [...], "sent_id": [...]}
-        titles, ids = raw.get("title"), raw.get("sent_id")
-        if not isinstance(titles, list) or not isinstance(ids, list) or len(titles) != len(ids):
-            raise rec.error("expected {'title': [...], 'sent_id': [...]} of equal lengths", "supporting_facts")
-        raw = [list(pair) for pair in zip(titles, ids, strict=True)]
+        raw = _column_pairs(rec, raw, "supporting_facts", "sent_id", "[...]")
     out = []
     for i, fact in enumerate(raw):
         if (not isinstance(fact, list) or len(fact) != 2 or not isinstance(fact[0], str)
