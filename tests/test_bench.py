@@ -4,6 +4,7 @@ compares equal work), the synthetic batch has the recipe's shape, and each bench
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -39,19 +40,20 @@ def test_naive_and_onegen_steps_compute_the_same_loss_and_gradients(mini, checkp
         mini.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
         grads = []
-        for step in (naive_loss, onegen_loss):
+        for step in (naive_loss, partial(onegen_loss, pack=False), onegen_loss):  # paper, per-kind padding, packed
             mini.zero_grad(set_to_none=True)
             loss = step(mini, batch, LOSS)
             loss.backward()
             grads.append((loss.detach(), {n: p.grad.clone() for n, p in mini.named_parameters()}))
     finally:
         mini.hf_model.gradient_checkpointing_disable()
-    (l1, g1), (l2, g2) = grads
+    (l1, g1), *others = grads
     assert l1 > 1.0  # a real loss (CE over a 2048 vocabulary + InfoNCE), not zero
-    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
-    assert g1.keys() == g2.keys()
-    for name in g1:  # InfoNCE at temperature 0.02 amplifies rounding: compare relative to the gradient's norm
-        assert (g1[name] - g2[name]).norm() <= 1e-4 * g1[name].norm(), name
+    for l2, g2 in others:
+        torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
+        assert g1.keys() == g2.keys()
+        for name in g1:  # InfoNCE at temperature 0.02 amplifies rounding: compare relative to the gradient's norm
+            assert (g1[name] - g2[name]).norm() <= 1e-4 * g1[name].norm(), name
 
 
 def test_doc_lengths_are_long_tailed_and_clipped():

@@ -2,8 +2,12 @@
 
 For each query token: one positive (drawn from its positives), hard negatives from the sample, random
 corpus negatives topped up to `negatives`; other queries' documents act as in-batch negatives. Each
-document is encoded once per batch. Samples and documents are padded separately, each to its own
-longest sequence (dynamic padding, never to max length).
+document is encoded once per batch. Two layouts of the same content:
+- packed (`pack=True`): samples and documents share rows as wide as the longest of them, with
+  restarting `position_ids` and `segment_ids` for a block-diagonal mask (`packing`): ONE forward;
+- padded: samples and documents padded separately, each to its own longest (dynamic padding, never to
+  max length): two forwards. Used when packing is off, or when a sequence exceeds `pack_limit`.
+Both give (row, position) indices for LM targets, query tokens and (packed) the documents' `[RD]`.
 
 Documents carry a 63-bit key of their id so that, after gathering documents across ranks, a query
 still knows which documents are its positives (never to be used as negatives).
@@ -19,6 +23,7 @@ import torch
 
 from .data import Corpus
 from .model import pad_right
+from .packing import pack
 from .render import Rendered
 from .tokens import IGNORE_INDEX
 
@@ -42,12 +47,16 @@ class Collator:
         retrieval: False for generation-only training (`loss.retrieval_weight: 0`): no documents.
         query_id, query_weight: LM targets equal to `query_id` get weight `query_weight`
             (`loss.query_token_weight`; the batch then carries `lm_weights`).
+        pack: lay samples and documents out packed (see the module docstring).
+        pack_limit: pack only batches whose sequences are at most this long (a sliding window).
     """
 
     def __init__(self, corpus: Corpus | None, encode_document: Callable[[str], list[int]], pad_id: int,
                  negatives: int = 4, in_batch_negatives: bool = True, lm: bool = True, retrieval: bool = True,
-                 query_id: int | None = None, query_weight: float = 1.0):
+                 query_id: int | None = None, query_weight: float = 1.0, pack: bool = False,
+                 pack_limit: int | None = None):
         self.corpus = corpus
+        self.pack, self.pack_limit = pack, pack_limit
         self.query_id, self.query_weight = query_id, query_weight
         self.lm, self.retrieval = lm, retrieval
         self.encode_document = encode_document
@@ -78,19 +87,7 @@ class Collator:
         return chosen
 
     def __call__(self, samples: list[Rendered], rng: random.Random) -> dict[str, torch.Tensor]:
-        if self.lm:
-            ids, mask = pad_right([s.input_ids for s in samples], self.pad_id)
-        else:
-            ids, mask = pad_right([s.input_ids[: max(s.ret_positions, default=0) + 1] for s in samples],
-                                  self.pad_id)
-        lm_positions, lm_targets, query_positions = [], [], []
-        for row, s in enumerate(samples):
-            for t in range(1, len(s.lm_labels) if self.lm else 0):
-                if s.lm_labels[t] != IGNORE_INDEX:
-                    lm_positions.append((row, t - 1))
-                    lm_targets.append(s.lm_labels[t])
-            if self.retrieval:
-                query_positions.extend((row, p) for p in s.ret_positions)
+        seqs = [s.input_ids if self.lm else s.input_ids[: max(s.ret_positions, default=0) + 1] for s in samples]
         docs: dict[str, int] = {}
         targets, pos_keys, cand_keys = [], [], []
         for s in samples if self.retrieval else ():
@@ -102,8 +99,33 @@ class Collator:
                 targets.append(docs[positive])
                 pos_keys.append([doc_key(d) for d in r.positives])
                 cand_keys.append([doc_key(d) for d in (positive, *negs)])
-        batch = {
-            "input_ids": ids, "attention_mask": mask,
+        doc_seqs = [self._doc_ids(d) for d in docs]
+        batch: dict[str, torch.Tensor] = {}
+        packed = self.pack and (self.pack_limit is None or max(map(len, seqs + doc_seqs)) <= self.pack_limit)
+        if packed:
+            p = pack(seqs + doc_seqs, self.pad_id)
+            batch.update(input_ids=p.input_ids, position_ids=p.position_ids, segment_ids=p.segment_ids)
+            places = p.places
+            batch["doc_positions"] = torch.tensor([(r, c + len(d) - 1) for (r, c), d in
+                                                   zip(places[len(seqs):], doc_seqs, strict=True)],
+                                                  dtype=torch.long).reshape(-1, 2)
+        else:
+            batch["input_ids"], batch["attention_mask"] = pad_right(seqs, self.pad_id)
+            places = [(row, 0) for row in range(len(seqs))]
+            if doc_seqs:
+                batch["doc_input_ids"], batch["doc_attention_mask"] = pad_right(doc_seqs, self.pad_id)
+            else:
+                batch["doc_input_ids"] = torch.zeros((0, 1), dtype=torch.long)
+                batch["doc_attention_mask"] = torch.zeros((0, 1), dtype=torch.long)
+        lm_positions, lm_targets, query_positions = [], [], []
+        for s, (row, c) in zip(samples, places[: len(seqs)], strict=True):
+            for t in range(1, len(s.lm_labels) if self.lm else 0):
+                if s.lm_labels[t] != IGNORE_INDEX:
+                    lm_positions.append((row, c + t - 1))
+                    lm_targets.append(s.lm_labels[t])
+            if self.retrieval:
+                query_positions.extend((row, c + q) for q in s.ret_positions)
+        batch.update({
             "lm_positions": torch.tensor(lm_positions, dtype=torch.long).reshape(-1, 2),
             "lm_targets": torch.tensor(lm_targets, dtype=torch.long),
             "query_positions": torch.tensor(query_positions, dtype=torch.long).reshape(-1, 2),
@@ -111,14 +133,9 @@ class Collator:
             "query_pos_keys": _pad_keys(pos_keys),
             "query_cand_keys": _pad_keys(cand_keys),
             "doc_keys": torch.tensor([doc_key(d) for d in docs], dtype=torch.long),
-        }
-        if docs:
-            batch["doc_input_ids"], batch["doc_attention_mask"] = pad_right(
-                [self._doc_ids(d) for d in docs], self.pad_id)
-        else:
-            batch["doc_input_ids"] = torch.zeros((0, 1), dtype=torch.long)
-            batch["doc_attention_mask"] = torch.zeros((0, 1), dtype=torch.long)
-        batch["in_batch_negatives"] = torch.tensor(self.in_batch_negatives)
+            "n_tokens": torch.tensor(sum(map(len, seqs + doc_seqs))),  # real tokens, whatever the layout
+            "in_batch_negatives": torch.tensor(self.in_batch_negatives),
+        })
         if self.query_id is not None and self.query_weight != 1.0:
             targets_t = batch["lm_targets"]
             batch["lm_weights"] = torch.where(targets_t == self.query_id, self.query_weight, 1.0)

@@ -157,6 +157,7 @@ class TrainSection:
     log_every: int = 10
     resume: bool = True  # continue from the last complete checkpoint in output_dir
     progress: bool = True
+    packing: bool = True  # samples and documents share rows (one forward) when the model passes the probe
 
     def __post_init__(self) -> None:
         _choice("train.schedule", self.schedule, ("cosine", "linear", "constant"))

@@ -22,6 +22,8 @@ from torch import nn
 from .config import LoraConfig, ModelConfig, TokenizerConfig, TokensConfig
 from .errors import OneGenError
 from .io import atomic_path
+from .packing import block_mask, sliding_window
+from .packing import probe as probe_packing
 from .render import Renderer
 from .tokens import add_special_tokens, init_new_embeddings, token_ids
 
@@ -240,7 +242,8 @@ class OneGenModel(nn.Module):
         return self._logit_fn(self._head(hidden))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Training forward over a collated batch (see `collate`): samples and documents separately.
+        """Training forward over a collated batch (see `collate`): packed (one forward over samples and
+        documents sharing rows, block-diagonal attention) or padded (samples and documents separately).
 
         Returns `lm_targets` (N,) with `gen_hidden` (N, D) at the positions that predict them (or
         `gen_logits` (N, V) when the head could not be isolated), `query_vecs` (Q, D) at the query
@@ -248,20 +251,45 @@ class OneGenModel(nn.Module):
         """
         out: dict[str, torch.Tensor] = {"lm_targets": batch["lm_targets"]}
         lm_pos = batch["lm_positions"]  # (N, 2): (row, position predicting the target)
+        kwargs: dict[str, Any] = {}
+        if "segment_ids" in batch:  # packed
+            kind = self.packing_mask_kind()
+            if kind is None:
+                raise OneGenError("this model does not reproduce its forward when sequences are packed; "
+                                  "collate with pack=False (train.packing: false)", field="train.packing")
+            mask = block_mask(batch["segment_ids"], kind, self.dtype)
+            kwargs["position_ids"] = batch["position_ids"]
+        else:
+            mask = batch["attention_mask"]
         if self.head_isolated:
-            hidden, _, _ = self.run(batch["input_ids"], batch["attention_mask"])  # (B, T, D)
+            hidden, _, _ = self.run(batch["input_ids"], mask, **kwargs)  # (B, T, D)
             out["gen_hidden"] = hidden[lm_pos[:, 0], lm_pos[:, 1]]
         else:
-            hidden, out["gen_logits"], _ = self.run(batch["input_ids"], batch["attention_mask"], logits_at=lm_pos)
+            hidden, out["gen_logits"], _ = self.run(batch["input_ids"], mask, logits_at=lm_pos, **kwargs)
         q_pos = batch["query_positions"]  # (Q, 2)
         out["query_vecs"] = hidden[q_pos[:, 0], q_pos[:, 1]]
-        if batch.get("doc_input_ids") is not None and batch["doc_input_ids"].numel():
+        if "doc_positions" in batch:
+            d_pos = batch["doc_positions"]
+            out["doc_vecs"] = hidden[d_pos[:, 0], d_pos[:, 1]]
+        elif batch.get("doc_input_ids") is not None and batch["doc_input_ids"].numel():
             doc_hidden, _ = self.hidden_states(batch["doc_input_ids"], batch["doc_attention_mask"])
             last = batch["doc_attention_mask"].sum(1) - 1  # right padding: [RD] is the last real token
             out["doc_vecs"] = doc_hidden[torch.arange(doc_hidden.shape[0], device=last.device), last]
         else:
             out["doc_vecs"] = hidden.new_zeros((0, hidden.shape[-1]))
         return out
+
+    def packing_mask_kind(self) -> str | None:
+        """How this model takes packed rows: the 4-D mask kind that reproduces its unpacked forward
+        ("bool" or "additive"), or None when neither does. Probed once (`packing.probe`)."""
+        if not hasattr(self, "_packing_kind"):
+            self._packing_kind = probe_packing(self)
+        return self._packing_kind
+
+    @property
+    def packing_window(self) -> int | None:
+        """Packed batches must keep every sequence within this sliding window (None: no limit)."""
+        return sliding_window(self.hf_model.config)
 
     # -- embedding ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -103,6 +103,17 @@ def _drop_untargeted(r: Rendered) -> Rendered:
                                retrievals=tuple(r.retrievals[k] for k in keep))
 
 
+def _packs(model: OneGenModel) -> bool:
+    """Whether this model trains on packed rows (`train.packing`): it must pass the packing probe."""
+    kind = model.packing_mask_kind()
+    if kind is None:
+        log.warning("train.packing: this model does not reproduce its forward on packed rows (4-D masks "
+                    "with position ids); training with padded batches instead")
+    else:
+        log.info("train.packing: samples and documents packed into shared rows (%s mask)", kind)
+    return kind is not None
+
+
 def _precision(name: str) -> str:
     if name != "auto":
         return name
@@ -173,9 +184,11 @@ def train(config: TrainConfig, progress: bool | None = None) -> Path:
         rendered = [r for r in rendered if r.ret_positions]
         if not rendered:
             raise OneGenError("loss.lm_weight is 0 but no training sample has a query token", field="loss.lm_weight")
+    packing = tc.packing and _packs(model)
     collator = Collator(corpus, model.renderer.encode_document, model.ids.pad, config.loss.negatives,
                         config.loss.in_batch_negatives, lm=lm_on, retrieval=ret_on, query_id=model.ids.query,
-                        query_weight=config.loss.query_token_weight)
+                        query_weight=config.loss.query_token_weight, pack=packing,
+                        pack_limit=model.packing_window)
     objective = Objective(config.loss)
 
     global_batch = tc.batch_size * world
@@ -233,7 +246,7 @@ def train(config: TrainConfig, progress: bool | None = None) -> Path:
         counts = accelerator.reduce(counts, reduction="sum") if world > 1 else counts
         sums = {"lm_loss": 0.0, "retrieval_loss": 0.0, "retrieval_correct": 0.0, "tokens": 0}
         for j, batch in enumerate(batches):
-            sums["tokens"] += int(batch["attention_mask"].sum() + batch["doc_attention_mask"].sum())
+            sums["tokens"] += int(batch["n_tokens"])
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             ctx = accelerator.no_sync(model) if j < len(batches) - 1 else contextlib.nullcontext()
             with ctx, accelerator.autocast():

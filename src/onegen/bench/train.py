@@ -2,13 +2,15 @@
 
 The batch is shaped like the paper's multi-hop recipe: 2 answers of 300-900 tokens with 2 query
 tokens each, 1 positive + 6 negatives of 40-200 tokens per query, max_length 1200 (all lengths
-times `--scale`; CPU defaults use 1/8 and mini models). Two steps over the same content:
+times `--scale`; CPU defaults use 1/8 and mini models). Three steps over the same content:
 - `naive` (the paper's): answers and documents in ONE forward, every row padded to max_length,
   fp32 logits over the whole vocabulary at every position, CE + InfoNCE, backward;
-- `onegen`: `Collator` (answers and documents in separate forwards, each padded to its own longest)
-  -> `OneGenModel.forward` (LM head only at GEN positions) -> `losses.Objective` -> backward, as
-  the trainer runs it.
-Both compute the same loss (checked in tests/test_bench.py on a fp32 model; reported per run).
+- `padded` (a lean step): `Collator(pack=False)`, answers and documents in separate forwards, each
+  padded to its own longest -> `OneGenModel.forward` (LM head only at GEN positions) ->
+  `losses.Objective` -> backward;
+- `onegen`: the same with `Collator(pack=True)`, as the trainer runs it (`train.packing`): answers and
+  documents packed into shared rows, one forward, block-diagonal attention (`packing`).
+All compute the same loss (checked in tests/test_bench.py on a fp32 model; reported per run).
 Reported per model and checkpointing on/off: real tokens/s, MFU = 6 * N * real tokens / time / peak
 (N: parameters without the input embedding), peak and activation memory (CUDA: allocator peak minus
 weights and gradients; CPU: sampled heap growth minus gradients, approximate: `common.PeakHeap`).
@@ -160,10 +162,11 @@ def naive_loss(model: OneGenModel, batch: StepBatch, loss_cfg: LossConfig) -> to
 
 
 def onegen_loss(model: OneGenModel, batch: StepBatch, loss_cfg: LossConfig,
-                collated: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """onegen's step as the trainer runs it: collate, `OneGenModel.forward`, `Objective`."""
+                collated: dict[str, torch.Tensor] | None = None, pack: bool = True) -> torch.Tensor:
+    """onegen's step as the trainer runs it: collate (packed, or `pack=False` padded per kind),
+    `OneGenModel.forward`, `Objective`."""
     if collated is None:
-        collated = collate(model, batch, loss_cfg)
+        collated = collate(model, batch, loss_cfg, pack)
     b = {k: v.to(model.device) for k, v in collated.items()}
     out = model(b)
     terms = Objective(loss_cfg)(out, b, model.logits if model.head_isolated else None,
@@ -171,9 +174,10 @@ def onegen_loss(model: OneGenModel, batch: StepBatch, loss_cfg: LossConfig,
     return terms["loss"]
 
 
-def collate(model: OneGenModel, batch: StepBatch, loss_cfg: LossConfig) -> dict[str, torch.Tensor]:
+def collate(model: OneGenModel, batch: StepBatch, loss_cfg: LossConfig, pack: bool = False) -> dict[str, torch.Tensor]:
     corpus = Corpus([Document(d, d) for d in batch.docs])
-    collator = Collator(corpus, batch.docs.__getitem__, model.ids.pad, loss_cfg.negatives, loss_cfg.in_batch_negatives)
+    collator = Collator(corpus, batch.docs.__getitem__, model.ids.pad, loss_cfg.negatives, loss_cfg.in_batch_negatives,
+                        pack=pack and model.packing_mask_kind() is not None, pack_limit=model.packing_window)
     return collator(batch.answers, random.Random(0))
 
 
@@ -223,8 +227,10 @@ def _bench_model(shape: str, dtype: torch.dtype, peak: float, loss_cfg: LossConf
     n_params = sum(p.numel() for p in model.parameters()) - model.hf_model.get_input_embeddings().weight.numel()
     batch = make_batch(model, args.scale, args.seed)
     collated = collate(model, batch, loss_cfg)
+    packed = collate(model, batch, loss_cfg, pack=True)
     steps = {"naive": partial(naive_loss, model, batch, loss_cfg),
-             "onegen": partial(onegen_loss, model, batch, loss_cfg, collated)}
+             "padded": partial(onegen_loss, model, batch, loss_cfg, collated),
+             "onegen": partial(onegen_loss, model, batch, loss_cfg, packed)}
     real, rows = batch.real_tokens, []
     for ckpt in args.checkpointing:
         if ckpt:
@@ -232,7 +238,9 @@ def _bench_model(shape: str, dtype: torch.dtype, peak: float, loss_cfg: LossConf
         else:
             model.hf_model.gradient_checkpointing_disable()
         row: dict[str, Any] = {"model": shape, "checkpointing": ckpt, "params_m": n_params / 1e6, "real_tokens": real,
-                               "padded_tokens_naive": batch.max_length * (len(batch.answers) + len(collated["doc_keys"]))}
+                               "padded_tokens_naive": batch.max_length * (len(batch.answers) + len(collated["doc_keys"])),
+                               "padded_tokens_padded": collated["input_ids"].numel() + collated["doc_input_ids"].numel(),
+                               "padded_tokens_onegen": packed["input_ids"].numel()}
         for name, step in steps.items():
             try:
                 m = _measure(model, step, args)
@@ -246,17 +254,21 @@ def _bench_model(shape: str, dtype: torch.dtype, peak: float, loss_cfg: LossConf
             row[f"{name}_tok_s"] = real / m["seconds"]
             row[f"{name}_mfu"] = 6 * n_params * real / m["seconds"] / peak
             row.update({f"{name}_{k}": v for k, v in m.items()})
-        both = row["naive_tok_s"] is not None and row["onegen_tok_s"] is not None
-        row["speedup"] = row["onegen_tok_s"] / row["naive_tok_s"] if both else None
-        row["act_ratio"] = row["onegen_act_gb"] / row["naive_act_gb"] if both and row["naive_act_gb"] > 0 else None
-        row["loss_diff"] = abs(row["onegen_loss"] - row["naive_loss"]) if both else None
+        for name in ("padded", "onegen"):
+            both = row["naive_tok_s"] is not None and row[f"{name}_tok_s"] is not None
+            suffix = "" if name == "onegen" else f"_{name}"
+            row[f"speedup{suffix}"] = row[f"{name}_tok_s"] / row["naive_tok_s"] if both else None
+            row[f"act_ratio{suffix}"] = (row[f"{name}_act_gb"] / row["naive_act_gb"]
+                                         if both and row["naive_act_gb"] > 0 else None)
+            row[f"loss_diff{suffix}"] = abs(row[f"{name}_loss"] - row["naive_loss"]) if both else None
         rows.append(row)
         print(table([row], COLUMNS).splitlines()[1], flush=True)
     return rows
 
 
 COLUMNS = [("model", "model", ""), ("checkpointing", "ckpt", ""), ("real_tokens", "real tok", "d"),
-           ("naive_tok_s", "naive tok/s", ".0f"), ("onegen_tok_s", "onegen tok/s", ".0f"), ("speedup", "speed-up", ".2f"),
+           ("naive_tok_s", "naive tok/s", ".0f"), ("padded_tok_s", "padded tok/s", ".0f"),
+           ("onegen_tok_s", "onegen tok/s", ".0f"), ("speedup_padded", "padded x", ".2f"), ("speedup", "onegen x", ".2f"),
            ("naive_mfu", "naive MFU", ".3f"), ("onegen_mfu", "onegen MFU", ".3f"),
            ("naive_act_gb", "naive act GB", ".3f"), ("onegen_act_gb", "onegen act GB", ".3f"),
            ("act_ratio", "act ratio", ".2f"), ("loss_diff", "|dloss|", ".1e")]
@@ -269,19 +281,21 @@ def _plot(result: dict[str, Any]) -> Any:
     labels = [f"{r['model']}\nckpt {'on' if r['checkpointing'] else 'off'}" for r in rows]
     x = range(len(rows))
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    ax[0].bar([i - 0.2 for i in x], [r["naive_tok_s"] or 0 for r in rows], 0.4, label="paper-style padded step")
-    ax[0].bar([i + 0.2 for i in x], [r["onegen_tok_s"] or 0 for r in rows], 0.4, label="onegen step")
+    for k, (name, label) in enumerate((("naive", "paper-style padded step"), ("padded", "per-kind padding"),
+                                       ("onegen", "onegen step (packed)"))):
+        ax[0].bar([i + 0.27 * (k - 1) for i in x], [r[f"{name}_tok_s"] or 0 for r in rows], 0.27, label=label)
     ax[0].set(xticks=list(x), xticklabels=labels, ylabel="real tokens / s", title="Training step throughput")
     ax[0].legend(fontsize=7)
-    ax[1].bar([i - 0.2 for i in x], [r["naive_act_gb"] or 0 for r in rows], 0.4, label="paper-style (0: OOM)")
-    ax[1].bar([i + 0.2 for i in x], [r["onegen_act_gb"] or 0 for r in rows], 0.4, label="onegen")
+    for k, (name, label) in enumerate((("naive", "paper-style (0: OOM)"), ("padded", "per-kind padding"),
+                                       ("onegen", "onegen (packed)"))):
+        ax[1].bar([i + 0.27 * (k - 1) for i in x], [r[f"{name}_act_gb"] or 0 for r in rows], 0.27, label=label)
     ax[1].set(xticks=list(x), xticklabels=labels, ylabel="GB", title="Activation memory (peak - weights - grads)")
     return fig
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="onegen bench train", description="training step: paper-style padded "
-                                "step vs onegen's, same batch (multi-hop recipe shape)")
+                                "step vs per-kind padding vs onegen's packed step, same batch (multi-hop recipe shape)")
     common_args(p)
     p.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=None,
                    help="model shapes (default: 1b-mini 7b-mini on CPU, 1b 7b on CUDA)")
