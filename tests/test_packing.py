@@ -128,6 +128,18 @@ def test_packed_forward_equals_padded_forward(arch, kind, tokenizer, tokens):
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5)
 
 
+def test_position_ids_alone_separate_the_sequences(tokenizer, tokens):
+    """The "positions" kind (for attention kernels that take no tensor mask): no mask is passed and the
+    model finds the boundaries from the restarting position ids (transformers' packed-sequence path)."""
+    model = _model("llama", tokenizer, tokens).eval()
+    model._packing_kind = "positions"
+    padded, packed = _both(model)
+    with torch.no_grad():
+        a, b = model(padded), model(packed)
+    for key in ("gen_hidden", "query_vecs", "doc_vecs"):
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5)
+
+
 def test_packed_step_has_the_padded_steps_loss_and_gradients(fresh_model):
     fresh_model.train()
     grads = []

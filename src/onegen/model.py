@@ -280,8 +280,8 @@ class OneGenModel(nn.Module):
         return out
 
     def packing_mask_kind(self) -> str | None:
-        """How this model takes packed rows: the 4-D mask kind that reproduces its unpacked forward
-        ("bool" or "additive"), or None when neither does. Probed once (`packing.probe`)."""
+        """How this model takes packed rows: the mask kind under which it reproduces its unpacked forward
+        ("bool", "additive" or "positions": see `packing`), or None when none does. Probed once."""
         if not hasattr(self, "_packing_kind"):
             self._packing_kind = probe_packing(self)
         return self._packing_kind

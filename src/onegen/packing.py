@@ -12,9 +12,11 @@ queries need) into rows as wide as the longest one, first-fit decreasing, and ru
 
 Whether a model honours a 4-D mask and `position_ids` is not assumed from its architecture: `probe`
 runs two sequences packed and separately and compares (as the fast path does). The mask is tried as
-booleans (SDPA-style) and then as an additive float mask (eager-style); a model that reproduces with
-neither is trained padded. A sliding-window model packs only batches whose sequences fit the window
-(the 4-D mask replaces the model's own per-layer window masks).
+booleans (SDPA-style), then as an additive float mask (eager-style), then not at all ("positions":
+attention kernels that take no tensor mask, such as flash-attention, find the sequence boundaries
+from the restarting `position_ids` themselves); a model that reproduces with none is trained padded.
+A sliding-window model packs only batches whose sequences fit the window (a 4-D mask replaces the
+model's own per-layer window masks).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 __all__ = ["MASK_KINDS", "Packed", "block_mask", "pack", "probe", "sliding_window"]
 
-MASK_KINDS = ("bool", "additive")
+MASK_KINDS = ("bool", "additive", "positions")
 _PROBE = ([5, 7, 11, 3, 2, 9], [13, 4, 6])  # token ids (mod the vocabulary): two sequences and a pad tail
 
 
@@ -73,9 +75,12 @@ def pack(seqs: list[list[int]], pad_id: int, multiple: int = 8) -> Packed:
     return Packed(ids, pos, seg, places)
 
 
-def block_mask(segment_ids: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
-    """(R, 1, W, W) block-diagonal causal mask: True / 0.0 where query i may see key j (same segment, j <= i);
-    `kind` "additive" gives 0.0 / the dtype's minimum (what eager attention adds to its scores)."""
+def block_mask(segment_ids: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor | None:
+    """(R, 1, W, W) block-diagonal causal mask: True where query i may see key j (same segment, j <= i);
+    `kind` "additive" gives 0.0 / the dtype's minimum (what eager attention adds to its scores), and
+    "positions" no mask (the model finds the boundaries from `position_ids`)."""
+    if kind == "positions":
+        return None
     width = segment_ids.shape[1]
     causal = torch.ones((width, width), dtype=torch.bool, device=segment_ids.device).tril()
     allowed = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal  # (R, W, W)
