@@ -216,6 +216,7 @@ def _rank_worker(rank: int, init_file: str, out_dir: str) -> None:
             torch.save({"loss": loss / WORLD, "correct": correct, "gathered": gathered.detach(),
                         "q_grad": out["query_vecs"].grad / WORLD, "d_grad": out["doc_vecs"].grad / WORLD},
                        Path(out_dir) / f"case{case}-rank{rank}.pt")
+        dist.barrier()  # both ranks done before either tears gloo down (else: "terminate called ...")
     finally:
         dist.destroy_process_group()
 
