@@ -96,6 +96,24 @@ def test_chunked_flat_equals_unchunked(data, k):
     torch.testing.assert_close(s1, s2, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("budget", [1 << 24, 300, 1])
+def test_auto_chunks_equal_fixed_chunks(data, budget, monkeypatch):
+    """`chunk_rows=None` sizes chunks to the query batch (budget / queries rows): whatever the budget
+    (one chunk, ragged chunks, one row per chunk) the result is that of a fixed chunking."""
+    import onegen.index
+
+    vectors, _, queries = data
+    fixed = FlatBackend(chunk_rows=37)
+    fixed.add(vectors)
+    want = fixed.search(queries, 7)
+    monkeypatch.setattr(onegen.index, "_MAX_BLOCK", budget)
+    auto = FlatBackend()
+    auto.add(vectors)
+    got = auto.search(queries, 7)
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("backend", ALL)
 def test_k_above_count_returns_every_document(data, backend):
     vectors, ids, queries = data

@@ -49,6 +49,7 @@ _OPTIONS = {"flat": {"device", "dtype", "chunk_rows"}, "flat-int8": {"device", "
             "faiss-hnsw": {"M", "ef_search", "ef_construction"}, "faiss-ivf": {"nlist", "nprobe"}}
 _RUNTIME_OPTIONS = {"device", "dtype"}  # where this process searches, not what the index is: never saved
 _MAX_BLOCK = 1 << 24  # flat search: at most this many scores (Q_block x chunk_rows) alive at once
+_AUTO_QUERY_BLOCK = 1024  # flat search with automatic chunks: queries searched together
 _REBUILD = "rebuild it with `onegen index`"
 
 
@@ -77,14 +78,18 @@ def _empty(q: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class FlatBackend:
-    """Exact cosine search with torch; the matrix is scanned `chunk_rows` rows at a time."""
+    """Exact cosine search with torch; the matrix is scanned `chunk_rows` rows at a time.
+
+    `chunk_rows=None` (the default) sizes the chunks to the query batch: as many rows as keep
+    `_MAX_BLOCK` scores alive (one query scans 16 M rows at once, 64 queries 262,144), so a search is
+    a few large matrix products rather than many small kernels (what bounds it on a GPU: launches)."""
 
     def __init__(self, *, device: str | torch.device | None = None, dtype: torch.dtype | str = torch.float32,
-                 chunk_rows: int = 16384):
+                 chunk_rows: int | None = None):
         self.device = torch.device(device or "cpu")
         self.dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-        self.chunk_rows = int(chunk_rows)
-        if self.chunk_rows < 1:
+        self.chunk_rows = None if chunk_rows is None else int(chunk_rows)
+        if self.chunk_rows is not None and self.chunk_rows < 1:
             raise OneGenError(f"chunk_rows must be >= 1, got {chunk_rows}")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise OneGenError("the flat index was asked for device cuda, but CUDA is not available")
@@ -104,15 +109,16 @@ class FlatBackend:
         if k == 0 or queries.shape[0] == 0:
             return _empty(queries.shape[0], k)
         q = _normalize(queries).to(self.device, self.dtype)
-        block = max(1, _MAX_BLOCK // self.chunk_rows)
+        block = max(1, _MAX_BLOCK // self.chunk_rows) if self.chunk_rows else _AUTO_QUERY_BLOCK
         parts = [self._topk(q[i:i + block], k) for i in range(0, q.shape[0], block)]
         return torch.cat([s for s, _ in parts]).cpu(), torch.cat([i for _, i in parts]).cpu()
 
     def _topk(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.matrix is not None
         m = self.matrix
-        chunks = ((start, (q @ m[start:start + self.chunk_rows].T).float())  # (B, chunk)
-                  for start in range(0, m.shape[0], self.chunk_rows))
+        rows = self.chunk_rows or max(1, _MAX_BLOCK // q.shape[0])
+        chunks = ((start, (q @ m[start:start + rows].T).float())  # (B, chunk)
+                  for start in range(0, m.shape[0], rows))
         return running_topk(chunks, k, q.shape[0], self.device)
 
     def save(self, directory: Path) -> None:

@@ -54,7 +54,8 @@ class FlatInt8Backend:
     """
 
     def __init__(self, *, device: str | torch.device | None = None, dtype: torch.dtype | str = torch.float32,
-                 chunk_rows: int = 65536, rerank: int = 4):
+                 chunk_rows: int | None = None, rerank: int = 4):
+        chunk_rows = chunk_rows or 65536  # the int8 scan keeps fixed chunks (its own temporaries per chunk)
         self.exact = FlatBackend(device=device, dtype=dtype, chunk_rows=chunk_rows)  # the re-rank rows
         self.device, self.chunk_rows = self.exact.device, self.exact.chunk_rows
         self.rerank = int(rerank)

@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=64)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--rerank", type=int, default=4, help="flat-int8 shortlist = rerank x k")
-    p.add_argument("--chunk-rows", type=int, default=65536)
+    p.add_argument("--chunk-rows", type=int, default=None,
+                   help="rows per search chunk (default: sized to the query batch; flat-int8 65536)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs (CPU 1, CUDA 3)")
     p.add_argument("--skip", choices=["embed", "search"], default=None)
     args = p.parse_args(argv)

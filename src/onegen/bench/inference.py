@@ -44,7 +44,7 @@ DEFAULTS = {"size": ("tiny", "7b"), "dtype": ("float32", "bfloat16"), "batches":
             "prompt_tokens": (48, 512), "new_tokens": (32, 256), "every": (8, 64), "index_rows": (20_000, 1_000_000),
             "query_lengths": ([32, 128], [128, 1024, 4096]), "answers": ([8, 16], [16, 128]),
             "retrievals": ([1, 2], [1, 4]), "doc_tokens": (16, 64), "corpus_size": (64, 256), "repeats": (1, 2),
-            "chunk_rows": (65536, 262144)}
+            "chunk_rows": (None, None)}
 
 
 def model_for(args: argparse.Namespace, seed: int) -> OneGenModel:
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=int, default=None, help="[RQ] every N generated tokens (CPU 8, CUDA 64)")
     p.add_argument("--index-rows", type=int, default=None, help="throughput index size (CPU 20000, CUDA 1000000)")
     p.add_argument("--index-backend", choices=["flat", "flat-int8"], default="flat")
-    p.add_argument("--chunk-rows", type=int, default=None, help="rows per search chunk (CPU 65536, CUDA 262144)")
+    p.add_argument("--chunk-rows", type=int, default=None, help="rows per search chunk (default: sized to the queries of each search)")
     p.add_argument("--query-lengths", type=int, nargs="+", default=None, help="latency (CPU 32 128, CUDA 128 1024 4096)")
     p.add_argument("--answers", type=int, nargs="+", default=None, help="latency answer tokens (CPU 8 16, CUDA 16 128)")
     p.add_argument("--retrievals", type=int, nargs="+", default=None, help="latency retrievals (1 2 CPU, 1 4 CUDA)")

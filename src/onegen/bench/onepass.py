@@ -68,7 +68,7 @@ class BigIndex:
     made on the device chunk by chunk (1 M x 4096 fp16 is 8 GB; no CPU copy)."""
 
     def __init__(self, rows: int, dim: int, device: str, backend: str = "flat", seed: int = 0,
-                 chunk_rows: int = 262144):
+                 chunk_rows: int | None = None):
         dtype = "float16" if device.startswith("cuda") else "float32"
         self.backend = make_backend(backend, device=device, dtype=dtype, chunk_rows=chunk_rows)
         g = torch.Generator(device=device).manual_seed(seed)
