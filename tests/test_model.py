@@ -234,7 +234,7 @@ def test_bad_model_dir_is_a_user_error(tmp_path):
         OneGenModel.from_pretrained(tmp_path / "nothing-here")
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gpt2", "gpt_neox", "falcon"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gpt2", "gpt_neox", "falcon", "gptj"])
 def test_scratch_models_of_any_family_save_and_load(arch, tiny_tokenizer, tmp_path):
     """Sizes go in when the config is made: fields derived from them (Qwen3's per-layer `layer_types`)
     agree, read-only properties (Falcon's head_dim) are left alone, and the saved model loads back."""

@@ -447,11 +447,14 @@ def build_scratch_lm(cfg: ModelConfig, tokenizer) -> nn.Module:
         raise OneGenError(f"unknown architecture '{s.architecture}' (any model_type transformers knows)",
                           field="model.scratch.architecture") from None
     attribute_map = getattr(config, "attribute_map", {})
+    head_dim = s.hidden_size // s.num_heads
+    rotary = getattr(config, "rotary_dim", None)  # a partial-rotary default wider than a small head (GPT-J)
+    fit = {"rotary_dim": head_dim} if isinstance(rotary, int) and rotary > head_dim else {}
     values = {"vocab_size": len(tokenizer), "hidden_size": s.hidden_size, "num_hidden_layers": s.num_layers,
               "num_attention_heads": s.num_heads, "num_key_value_heads": s.num_heads,
               "intermediate_size": s.intermediate_size or 4 * s.hidden_size,
               "max_position_embeddings": s.max_position_embeddings,
-              "head_dim": s.hidden_size // s.num_heads,
+              "head_dim": head_dim, **fit,
               "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
               "pad_token_id": tokenizer.pad_token_id, **s.extra}
     def settable(key: str) -> bool:  # not a derived, read-only property (e.g. Falcon's head_dim)

@@ -240,7 +240,9 @@ def _bench_model(shape: str, dtype: torch.dtype, peak: float, loss_cfg: LossConf
         row: dict[str, Any] = {"model": shape, "checkpointing": ckpt, "params_m": n_params / 1e6, "real_tokens": real,
                                "padded_tokens_naive": batch.max_length * (len(batch.answers) + len(collated["doc_keys"])),
                                "padded_tokens_padded": collated["input_ids"].numel() + collated["doc_input_ids"].numel(),
-                               "padded_tokens_onegen": packed["input_ids"].numel()}
+                               "padded_tokens_onegen": packed["input_ids"].numel() + (
+                                   packed["doc_input_ids"].numel() if "doc_input_ids" in packed else 0),
+                               "packing": model.packing_mask_kind()}  # None: the model failed the probe
         for name, step in steps.items():
             try:
                 m = _measure(model, step, args)
@@ -271,7 +273,7 @@ COLUMNS = [("model", "model", ""), ("checkpointing", "ckpt", ""), ("real_tokens"
            ("onegen_tok_s", "onegen tok/s", ".0f"), ("speedup_padded", "padded x", ".2f"), ("speedup", "onegen x", ".2f"),
            ("naive_mfu", "naive MFU", ".3f"), ("onegen_mfu", "onegen MFU", ".3f"),
            ("naive_act_gb", "naive act GB", ".3f"), ("onegen_act_gb", "onegen act GB", ".3f"),
-           ("act_ratio", "act ratio", ".2f"), ("loss_diff", "|dloss|", ".1e")]
+           ("act_ratio", "act ratio", ".2f"), ("loss_diff", "|dloss|", ".1e"), ("packing", "mask", "")]
 
 
 def _plot(result: dict[str, Any]) -> Any:
