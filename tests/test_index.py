@@ -96,22 +96,29 @@ def test_chunked_flat_equals_unchunked(data, k):
     torch.testing.assert_close(s1, s2, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("budget", [1 << 24, 300, 1])
-def test_auto_chunks_equal_fixed_chunks(data, budget, monkeypatch):
-    """`chunk_rows=None` sizes chunks to the query batch (budget / queries rows): whatever the budget
-    (one chunk, ragged chunks, one row per chunk) the result is that of a fixed chunking."""
+@pytest.mark.parametrize("rows", [1 << 24, 13, 1])
+def test_auto_chunks_equal_fixed_chunks(data, rows, monkeypatch):
+    """`chunk_rows=None` takes `auto_chunk_rows`: whatever it gives (one chunk, ragged chunks, one row per
+    chunk) the result is that of a fixed chunking."""
     import onegen.index
 
     vectors, _, queries = data
     fixed = FlatBackend(chunk_rows=37)
     fixed.add(vectors)
     want = fixed.search(queries, 7)
-    monkeypatch.setattr(onegen.index, "_MAX_BLOCK", budget)
+    monkeypatch.setattr(onegen.index, "_CPU_CHUNK_ROWS", rows)
     auto = FlatBackend()
     auto.add(vectors)
     got = auto.search(queries, 7)
     assert torch.equal(got[1], want[1])
     torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=0)
+
+
+def test_auto_chunk_rows_per_device():
+    from onegen.index import _MAX_BLOCK, auto_chunk_rows
+
+    assert auto_chunk_rows("cuda", 64) == 262_144 and auto_chunk_rows("cuda", 1) == _MAX_BLOCK
+    assert auto_chunk_rows("cpu", 64) == auto_chunk_rows("cpu", 1) == 16_384
 
 
 @pytest.mark.parametrize("backend", ALL)

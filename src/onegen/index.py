@@ -50,6 +50,7 @@ _OPTIONS = {"flat": {"device", "dtype", "chunk_rows"}, "flat-int8": {"device", "
 _RUNTIME_OPTIONS = {"device", "dtype"}  # where this process searches, not what the index is: never saved
 _MAX_BLOCK = 1 << 24  # flat search: at most this many scores (Q_block x chunk_rows) alive at once
 _AUTO_QUERY_BLOCK = 1024  # flat search with automatic chunks: queries searched together
+_CPU_CHUNK_ROWS = 16384  # automatic chunks on CPU (64 queries x 16,384 fp32 scores: 4 MB, in cache)
 _REBUILD = "rebuild it with `onegen index`"
 
 
@@ -80,9 +81,10 @@ def _empty(q: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 class FlatBackend:
     """Exact cosine search with torch; the matrix is scanned `chunk_rows` rows at a time.
 
-    `chunk_rows=None` (the default) sizes the chunks to the query batch: as many rows as keep
-    `_MAX_BLOCK` scores alive (one query scans 16 M rows at once, 64 queries 262,144), so a search is
-    a few large matrix products rather than many small kernels (what bounds it on a GPU: launches)."""
+    `chunk_rows=None` (the default) picks the chunks per device (`auto_chunk_rows`): on a GPU as many
+    rows as keep `_MAX_BLOCK` scores alive (one query scans 16 M rows at once, 64 queries 262,144), so a
+    search is a few large matrix products rather than many small kernels (launches bound it there); on
+    a CPU 16,384 rows, whose scores stay in cache (measured faster than one big product)."""
 
     def __init__(self, *, device: str | torch.device | None = None, dtype: torch.dtype | str = torch.float32,
                  chunk_rows: int | None = None):
@@ -116,7 +118,7 @@ class FlatBackend:
     def _topk(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.matrix is not None
         m = self.matrix
-        rows = self.chunk_rows or max(1, _MAX_BLOCK // q.shape[0])
+        rows = self.chunk_rows or auto_chunk_rows(self.device.type, q.shape[0])
         chunks = ((start, (q @ m[start:start + rows].T).float())  # (B, chunk)
                   for start in range(0, m.shape[0], rows))
         return running_topk(chunks, k, q.shape[0], self.device)
@@ -126,6 +128,13 @@ class FlatBackend:
 
     def load(self, directory: Path, vectors: torch.Tensor) -> None:
         self.add(vectors)
+
+
+def auto_chunk_rows(device_type: str, n_queries: int) -> int:
+    """Rows per flat-search chunk when none is set: budget-sized on accelerators, cache-sized on CPU."""
+    if device_type == "cpu":
+        return _CPU_CHUNK_ROWS
+    return max(1, _MAX_BLOCK // max(1, n_queries))
 
 
 def running_topk(chunks: Iterable[tuple[int, torch.Tensor]], k: int, n_queries: int,
