@@ -303,3 +303,38 @@ def test_cuda_graphs_give_the_generic_tokens(tok_dir):
         else:
             assert all(_divergence_is_a_near_tie(model, q, g, r) for q, g, r in zip(QUESTIONS, graph, generic,
                                                                                    strict=True))
+
+
+_VIEWS = {"aten::select", "aten::slice", "aten::view", "aten::unsqueeze", "aten::reshape", "aten::unbind",
+          "aten::split", "aten::split_with_sizes", "aten::expand", "aten::permute", "aten::transpose", "aten::t",
+          "aten::lift_fresh", "aten::detach_", "aten::detach", "aten::alias", "aten::as_strided", "aten::narrow",
+          "aten::empty"}
+
+
+def _ops_per_decode_step(model: OneGenModel) -> int:
+    """Top-level ATen ops that do work (views excluded) in one 8-row decode step: what a CUDA graph replays."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dec = FastDecoder(model)
+    dec.reserve(8, 64)
+    decode = {i: (5 + i, 10) for i in range(8)}
+    dec.run(8, decode, [])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        dec.run(8, decode, [])
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.name not in _VIEWS
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+
+def test_decode_layer_launches_few_kernels(tok_dir):
+    """Each layer of a decode step is 23 ops (7 projections, 2 fused RMSNorms with their weight products,
+    one RoPE over q and k together, 2 cache writes, attention, the SiLU gate, 2 residuals); written as HF
+    writes it, it was 40. Small element-wise kernels are what bounds a CUDA-graph decode step after the
+    weight reads."""
+    counts = {}
+    for layers in (2, 4):
+        arch, extra = ARCHS["llama-gqa-llama3-untied"]
+        model = _build(tok_dir, arch, {**extra, "num_hidden_layers": layers})
+        assert len(model.hf_model.base_model.layers) == layers
+        counts[layers] = _ops_per_decode_step(model)
+    per_layer = (counts[4] - counts[2]) / 2
+    assert per_layer <= 26, counts

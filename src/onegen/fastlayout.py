@@ -73,9 +73,15 @@ Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def run_layers(w: Layout, x: torch.Tensor, pos: torch.Tensor, attend: Attend) -> torch.Tensor:
-    """The decoder layers over x (B, S, D) at positions pos (B, S); `attend` writes K/V and attends."""
+    """The decoder layers over x (B, S, D) at positions pos (B, S); `attend` writes K/V and attends.
+
+    Every element-wise kernel counts in a decode step (a CUDA graph replays ~30 per layer), so the maths
+    is HF's in fewer of them, bit for bit: RMSNorm as one `F.rms_norm` (fp32 inside, like HF) and one
+    weight product, and RoPE once over q and k together with `rotate_half` as a roll against a sign-folded
+    sine (`rope`): 5 kernels where HF launches 10."""
     cos, sin = rope(pos, w.inv_freq, w.rope_scale, x.dtype)  # (B, S, 1, d)
     b, s = x.shape[:2]
+    half = w.head_dim // 2
     for i, layer in enumerate(w.layers):
         h = rms(x, layer.ln_attn)
         q = linear(h, layer.q).view(b, s, w.n_heads, w.head_dim)
@@ -83,8 +89,9 @@ def run_layers(w: Layout, x: torch.Tensor, pos: torch.Tensor, attend: Attend) ->
         v = linear(h, layer.v).view(b, s, w.n_kv, w.head_dim)
         if layer.q_norm is not None and layer.k_norm is not None:
             q, k = rms(q, layer.q_norm), rms(k, layer.k_norm)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        qk = torch.cat([q, k], dim=2)  # (B, S, H + H_kv, d): one rotation for both
+        qk = qk * cos + qk.roll(half, dims=-1) * sin  # roll = cat(x2, x1); sin's first half negated
+        q, k = qk.split([w.n_heads, w.n_kv], dim=2)
         x = x + linear(attend(i, q, k, v), layer.o)
         h = rms(x, layer.ln_mlp)
         x = x + linear(F.silu(linear(h, layer.gate)) * linear(h, layer.up), layer.down)
@@ -186,19 +193,18 @@ def linear(x: torch.Tensor, lin: Linear) -> torch.Tensor:
 
 
 def rms(x: torch.Tensor, norm: Norm) -> torch.Tensor:
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm[1])
-    return norm[0] * h.to(x.dtype)
+    """HF's RMSNorm (normalise in float32, round to x's dtype, times the weight) in two kernels."""
+    return norm[0] * F.rms_norm(x, (x.shape[-1],), eps=norm[1])
 
 
 def rope(pos: torch.Tensor, inv_freq: torch.Tensor, scale: float, dtype: torch.dtype
           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (B, S, 1, d) for positions (B, S): the rotary module's formula, broadcast over heads."""
+    """cos, signed sin (B, S, 1, d) for positions (B, S): the rotary module's formula, broadcast over heads.
+
+    The sine's first half is negated, so that `x * cos + x.roll(d / 2) * sin` is HF's
+    `x * cos + rotate_half(x) * sin` exactly (negation commutes with rounding)."""
     freqs = pos[..., None].float() * inv_freq.to(device=pos.device, dtype=torch.float)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return (emb.cos() * scale).to(dtype)[:, :, None], (emb.sin() * scale).to(dtype)[:, :, None]
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    sin = (emb.sin() * scale).to(dtype)
+    half = sin.shape[-1] // 2
+    return (emb.cos() * scale).to(dtype)[:, :, None], torch.cat((-sin[..., :half], sin[..., half:]), -1)[:, :, None]
