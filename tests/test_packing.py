@@ -211,3 +211,17 @@ def test_training_packed_and_padded_follow_the_same_curve(qa_world, tiny_tokeniz
     for a, b in zip(*curves, strict=True):
         for k in ("lm_loss", "retrieval_loss"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_packed_step_on_cuda_in_bf16():
+    """On the GPU (SDPA, bf16, autocast as the trainer runs it) the probe accepts packing and the packed
+    step's loss is the padded step's to bf16 rounding."""
+    from onegen.bench.train import build_model, onegen_loss
+
+    model = build_model("1b-mini", "cuda", torch.bfloat16).train()
+    assert model.packing_mask_kind() == "bool"
+    batch = make_batch(model, 0.2, 3)
+    losses = [float(onegen_loss(model, batch, LOSS, pack=p)) for p in (False, True)]
+    assert losses[0] > 1.0 and losses[1] == pytest.approx(losses[0], rel=2e-2)
