@@ -6,7 +6,9 @@ its real work. Two parts, each measuring everything it compares side by side in 
 
 - `throughput` (items 1, 2, 3a): batches of `--batches` rows whose prompts differ in length, so rows
   retrieve at different steps, over a `--index-rows` random index searched exactly on the device
-  (1 M x 4096 fp16 on CUDA); per engine (`--engine fast|generic|both`): generated tok/s against the
+  (1 M x 4096 fp16 on CUDA); per engine (`--engine fast|compiled|generic|both|all`; `compiled` is the
+  fast path with its decode step through `torch.compile`, fusing the element-wise kernels before the
+  graph capture, at a compilation cost paid in the warm-up): generated tok/s against the
   weights-only HBM ceiling (batch x bandwidth / weight bytes) and one that counts the KV cache too,
   and the overhead against plain decoding of the very same token stream (`onepass.replay`).
 - `latency` (items 3b, 3c): one answer at a time, onegen vs reencode vs pipeline (a second model of
@@ -54,7 +56,7 @@ def model_for(args: argparse.Namespace, seed: int) -> OneGenModel:
 
 
 def engine_kinds(args: argparse.Namespace) -> list[str]:
-    return ["fast", "generic"] if args.engine == "both" else [args.engine]
+    return {"both": ["fast", "generic"], "all": ["fast", "compiled", "generic"]}.get(args.engine, [args.engine])
 
 
 def release() -> None:
@@ -73,8 +75,8 @@ def bench_throughput(gen: OneGenModel, args: argparse.Namespace, bandwidth: floa
     search_ms = 1000 * median_time(lambda: index.search_tensor(query, 5), 5, args.device)
     for kind in engine_kinds(args):
         fast: Any = False
-        if kind == "fast":  # cache and graphs for every batch size made before timing
-            fast = FastDecoder(gen)
+        if kind in ("fast", "compiled"):  # cache, compilation and graphs for every batch size before timing
+            fast = FastDecoder(gen, compile=kind == "compiled")
             n_ret = max(1, args.new_tokens // args.every)
             fast.warmup(tuple(args.batches), max_len=args.prompt_tokens + max(args.batches) + 64 + args.new_tokens
                         + n_ret * (args.doc_tokens + 2))
@@ -97,7 +99,7 @@ def bench_latency(gen: OneGenModel, args: argparse.Namespace, out: list[dict[str
     prompts = {q: prompt_text(gen, q, seed=q) for q in args.query_lengths}
     fast: Any = args.engine != "generic"
     if fast:  # one decoder for all configurations, sized for the longest, graphs captured up front
-        fast = FastDecoder(gen)
+        fast = FastDecoder(gen, compile=args.engine == "compiled")
         fast.warmup((1,), max_len=max(args.query_lengths) + 64 + max(args.answers)
                     + max(args.retrievals) * (args.doc_tokens + 2))
     engines = {"onegen": Engine(gen, index, corpus=corpus, fast=fast),
@@ -239,8 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     common_args(p)
     p.add_argument("--size", choices=sorted(SIZES), default=None, help="model shape (CPU tiny, CUDA 7b)")
     p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
-    p.add_argument("--engine", choices=["fast", "generic", "both"], default="fast",
-                   help="decode path: the fast one (compact forward, slot cache, CUDA graphs), HF's, or both")
+    p.add_argument("--engine", choices=["fast", "compiled", "generic", "both", "all"], default="fast",
+                   help="decode path: the fast one (compact forward, slot cache, CUDA graphs), the fast one "
+                        "compiled (torch.compile), HF's; both = fast + generic, all = the three")
     p.add_argument("--generic-max-batch", type=int, default=8, help="largest batch the generic path runs")
     p.add_argument("--skip", choices=["throughput", "latency"], default=None)
     p.add_argument("--batches", type=int, nargs="+", default=None, help="throughput (CPU 1 4, CUDA 1 8 32 64)")
