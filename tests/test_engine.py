@@ -21,10 +21,10 @@ QUESTIONS = ["Who founded Velmora?", "Where was Ilsa Brandt born, and in which r
              "Which town is Orla Venn from?", "When was Brandt Works founded by Kerrin Brandt?"]
 
 
-def _model(seed: int) -> OneGenModel:
+def _model(seed: int, arch: str = "llama") -> OneGenModel:
     torch.manual_seed(seed)
     texts = [d.text for d in DOCS] + QUESTIONS
-    cfg = ModelConfig(scratch=ScratchConfig(architecture="llama", hidden_size=64, num_layers=2, num_heads=4))
+    cfg = ModelConfig(scratch=ScratchConfig(architecture=arch, hidden_size=64, num_layers=2, num_heads=4))
     tok = TokenizerConfig(train=TokenizerTrainConfig(vocab_size=300, min_frequency=1))
     return OneGenModel.from_config(cfg, tok, TokensConfig(), texts).eval()
 
@@ -53,6 +53,35 @@ def test_cached_equals_recompute(model, index, corpus):
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
     assert [[e.doc_ids for e in r.retrievals] for r in a] == [[e.doc_ids for e in r.retrievals] for r in b]
     assert all(len(r.retrievals) == 3 for r in a)  # the forced schedule really retrieved
+
+
+@pytest.mark.parametrize("arch,slack,ratio", [("llama", 0, 0.0), ("llama", 8, 0.25), ("gpt2", 0, 0.0),
+                                               ("bert", 0, 0.0)])
+def test_compacted_cache_equals_recompute(corpus, monkeypatch, arch, slack, ratio):
+    """Staggered inserts leave holes in the generic cache; compacting them (at every step, or now and
+    then) changes nothing: the same tokens, retrievals and query vectors as recomputing every row, with
+    rotary (Llama) or learned absolute positions (GPT-2, BERT turned decoder)."""
+    import onegen.engine
+
+    model = _model(0, arch)
+    index = Index.build(model, corpus, progress=False)
+    monkeypatch.setattr(onegen.engine, "COMPACT_SLACK", slack)
+    monkeypatch.setattr(onegen.engine, "COMPACT_RATIO", ratio)
+    steppers = []
+    engine = Engine(model, index, corpus=corpus, fast=False)
+    new_stepper = engine.new_stepper
+    engine.new_stepper = lambda *a: steppers.append(new_stepper(*a)) or steppers[-1]
+    kw = {**GEN, "max_new_tokens": [30, 9, 22, 16], "keep_vectors": True}
+    a = engine.generate(QUESTIONS, **kw)
+    b = Engine(model, index, corpus=corpus, use_cache=False).generate(QUESTIONS, **kw)
+    assert steppers[0].compactions > 0
+    width = steppers[0].mask.shape[1]
+    assert width <= (1 + ratio) * int(steppers[0].lengths.max()) + slack + 40  # holes bounded (+ one insert)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert [[e.doc_ids for e in r.retrievals] for r in a] == [[e.doc_ids for e in r.retrievals] for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        for ea, eb in zip(ra.retrievals, rb.retrievals, strict=True):
+            torch.testing.assert_close(ea.query_vec, eb.query_vec, atol=1e-5, rtol=1e-4)
 
 
 def test_rows_retrieve_at_different_steps(model, index, corpus):

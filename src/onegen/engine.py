@@ -349,13 +349,24 @@ def _last_column(rows: int, width: int, device: torch.device) -> torch.Tensor:
 
 
 class _CachedStepper:
-    """Generic path for any HF causal LM: a KV cache shared by the rows, masked holes for alignment."""
+    """Generic path for any HF causal LM: a KV cache shared by the rows, masked holes for alignment.
+
+    Every step appends as many columns as its longest feed to EVERY row: a paragraph one row inserts
+    is a run of holes in all the others. With rows retrieving at different steps the holes would soon
+    outnumber the tokens (64 rows inserting 4 paragraphs of 64 tokens each: ~16k columns, 250 of them
+    real per row), and each step would attend over, and keep, all of them. So when the holes exceed
+    `COMPACT_SLACK` + `COMPACT_RATIO` x the longest row, the cache is compacted: each row's real columns are gathered,
+    in order, right-aligned into `longest` columns (one gather per layer). Positions are explicit and
+    holes were masked, so the outputs do not change. Done only for plain dynamic caches (full
+    attention, keys/values (B, H, T, d)); others keep their holes.
+    """
 
     def __init__(self, model: OneGenModel, n_rows: int):
         self.model = model
         self.cache = None
         self.mask = torch.zeros((n_rows, 0), dtype=torch.long, device=model.device)
         self.lengths = torch.zeros(n_rows, dtype=torch.long, device=model.device)  # real tokens so far
+        self.compactions = 0
 
     def step(self, feeds: list[list[int]], histories: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Process each row's new tokens; returns the last-position hidden (B, D) and logits (B, V)."""
@@ -374,7 +385,42 @@ class _CachedStepper:
         hidden, logits, self.cache = self.model.run(ids, self.mask, position_ids=positions,
                                                     past_key_values=self.cache, use_cache=True, logits_at=last)
         self.lengths = self.lengths + new_mask.sum(1)
+        self._maybe_compact()
         return hidden[:, -1], logits
+
+    def _maybe_compact(self) -> None:
+        width, longest = self.mask.shape[1], int(self.lengths.max())
+        if width - longest <= COMPACT_SLACK + COMPACT_RATIO * longest:
+            return
+        layers = _dense_layers(self.cache, width)
+        if layers is None:
+            return
+        mask, order = torch.sort(self.mask, dim=1, stable=True)  # holes first, then real columns in order
+        keep = order[:, width - longest:]  # (B, longest): each row's real columns, right-aligned
+        for layer in layers:
+            index = keep[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+            layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+        self.mask = mask[:, width - longest:]
+        self.compactions += 1
+
+
+COMPACT_SLACK, COMPACT_RATIO = 64, 1.0  # the generic cache is compacted when holes > slack + ratio x longest row
+
+
+def _dense_layers(cache: Any, width: int) -> list[Any] | None:
+    """The layers of a plain dynamic KV cache whose keys/values are (B, H, width, d), or None when the
+    cache is anything else (sliding-window or static layers, legacy tuples): those are left alone."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(getattr(cache, "self_attention_cache", cache), "layers", None)
+    if not layers:
+        return None
+    for layer in layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if type(layer) is not DynamicLayer or not isinstance(keys, torch.Tensor) or keys.dim() != 4 \
+                or keys.shape[2] != width or not isinstance(values, torch.Tensor) or values.shape[:3] != keys.shape[:3]:
+            return None
+    return layers
 
 
 class _RecomputeStepper:
