@@ -55,18 +55,22 @@ def test_cached_equals_recompute(model, index, corpus):
     assert all(len(r.retrievals) == 3 for r in a)  # the forced schedule really retrieved
 
 
-@pytest.mark.parametrize("arch,slack,ratio", [("llama", 0, 0.0), ("llama", 8, 0.25), ("gpt2", 0, 0.0),
-                                               ("bert", 0, 0.0)])
-def test_compacted_cache_equals_recompute(corpus, monkeypatch, arch, slack, ratio):
-    """Staggered inserts leave holes in the generic cache; compacting them (at every step, or now and
-    then) changes nothing: the same tokens, retrievals and query vectors as recomputing every row, with
-    rotary (Llama) or learned absolute positions (GPT-2, BERT turned decoder)."""
+@pytest.mark.parametrize("arch,slack,ratio,split", [("llama", 0, 0.0, 10**9), ("llama", 8, 0.25, 10**9),
+                                                     ("llama", 8, 0.25, 0), ("llama", 10**9, 1.0, 0),
+                                                     ("gpt2", 0, 0.0, 0), ("bert", 0, 0.0, 0)])
+def test_compacted_and_split_cache_equals_recompute(corpus, monkeypatch, arch, slack, ratio, split):
+    """Staggered inserts leave holes in the generic cache, and a paragraph step would run every row at its
+    width. Compacting the holes (at every step, or now and then) and running the inserting rows apart on
+    their own cache rows (`split` 0: whenever a step mixes) change nothing: the same tokens, retrievals and
+    query vectors as recomputing every row, with rotary (Llama) or learned absolute positions (GPT-2, BERT
+    turned decoder)."""
     import onegen.engine
 
     model = _model(0, arch)
     index = Index.build(model, corpus, progress=False)
     monkeypatch.setattr(onegen.engine, "COMPACT_SLACK", slack)
     monkeypatch.setattr(onegen.engine, "COMPACT_RATIO", ratio)
+    monkeypatch.setattr(onegen.engine, "SPLIT_MIN", split)
     steppers = []
     engine = Engine(model, index, corpus=corpus, fast=False)
     new_stepper = engine.new_stepper
@@ -74,9 +78,11 @@ def test_compacted_cache_equals_recompute(corpus, monkeypatch, arch, slack, rati
     kw = {**GEN, "max_new_tokens": [30, 9, 22, 16], "keep_vectors": True}
     a = engine.generate(QUESTIONS, **kw)
     b = Engine(model, index, corpus=corpus, use_cache=False).generate(QUESTIONS, **kw)
-    assert steppers[0].compactions > 0
-    width = steppers[0].mask.shape[1]
-    assert width <= (1 + ratio) * int(steppers[0].lengths.max()) + slack + 40  # holes bounded (+ one insert)
+    assert (steppers[0].compactions > 0) is (slack < 10**9)
+    assert (steppers[0].splits > 0) is (split == 0)
+    if slack < 10**9:
+        width = steppers[0].mask.shape[1]
+        assert width <= (1 + ratio) * int(steppers[0].lengths.max()) + slack + 40  # holes bounded (+ one insert)
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
     assert [[e.doc_ids for e in r.retrievals] for r in a] == [[e.doc_ids for e in r.retrievals] for r in b]
     for ra, rb in zip(a, b, strict=True):

@@ -19,6 +19,7 @@ slot cache, CUDA graphs) replaces it with the same interface and gives the same 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -367,10 +368,31 @@ class _CachedStepper:
         self.mask = torch.zeros((n_rows, 0), dtype=torch.long, device=model.device)
         self.lengths = torch.zeros(n_rows, dtype=torch.long, device=model.device)  # real tokens so far
         self.compactions = 0
+        self.splits = 0  # steps whose wide rows ran apart
 
     def step(self, feeds: list[list[int]], histories: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Process each row's new tokens; returns the last-position hidden (B, D) and logits (B, V)."""
-        dev = self.model.device
+        """Process each row's new tokens; returns the last-position hidden (B, D) and logits (B, V).
+
+        A step where some rows feed many tokens (a paragraph) and others one would run every row at the
+        paragraph's width; when the narrow rows would waste more than `SPLIT_MIN` token slots, the wide
+        rows run alone on their own rows of the cache (`_step_rows`) after one narrow forward."""
+        wide = [i for i, f in enumerate(feeds) if len(f) > 1]
+        narrow = sum(1 for f in feeds if len(f) == 1)
+        width = max((len(feeds[i]) for i in wide), default=1)
+        if not wide or not narrow or narrow * (width - 1) < SPLIT_MIN or not self._splittable():
+            return self._step_all(feeds)
+        hidden, logits = self._step_all([f if len(f) == 1 else [] for f in feeds])
+        w_hidden, w_logits = self._step_rows(wide, [feeds[i] for i in wide])
+        index = torch.tensor(wide, device=hidden.device)
+        return hidden.index_copy(0, index, w_hidden), logits.index_copy(0, index, w_logits)
+
+    def _splittable(self) -> bool:
+        """A plain dynamic cache (not wrapped with cross-attention state) whose rows can be taken apart."""
+        return not hasattr(self.cache, "self_attention_cache") and \
+            _dense_layers(self.cache, self.mask.shape[1]) is not None
+
+    def _block(self, feeds: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feeds right-aligned in a (R, S) block: ids and the mask of its real tokens, on the device."""
         width = max(1, max(len(f) for f in feeds))
         ids = torch.full((len(feeds), width), self.model.ids.pad, dtype=torch.long)
         new_mask = torch.zeros((len(feeds), width), dtype=torch.long)
@@ -378,13 +400,50 @@ class _CachedStepper:
             if f:
                 ids[i, width - len(f):] = torch.tensor(f)
                 new_mask[i, width - len(f):] = 1
-        ids, new_mask = ids.to(dev), new_mask.to(dev)
+        return ids.to(self.model.device), new_mask.to(self.model.device)
+
+    def _step_all(self, feeds: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward over every row (rows with nothing to feed get a masked hole)."""
+        ids, new_mask = self._block(feeds)
         positions = (self.lengths[:, None] + new_mask.cumsum(1) - 1).clamp(min=0)  # (B, S)
         self.mask = torch.cat([self.mask, new_mask], dim=1)
-        last = _last_column(len(feeds), width, dev)
+        last = _last_column(len(feeds), ids.shape[1], ids.device)
         hidden, logits, self.cache = self.model.run(ids, self.mask, position_ids=positions,
                                                     past_key_values=self.cache, use_cache=True, logits_at=last)
         self.lengths = self.lengths + new_mask.sum(1)
+        self._maybe_compact()
+        return hidden[:, -1], logits
+
+    def _step_rows(self, rows: list[int], feeds: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward over `rows` only: their cache rows gathered into a cache of their own, the new
+        columns written back (holes for the other rows, which the compaction removes later)."""
+        layers = _dense_layers(self.cache, self.mask.shape[1])
+        assert layers is not None
+        index = torch.tensor(rows, device=self.mask.device)
+        sub = copy.copy(self.cache)
+        sub.layers = [copy.copy(layer) for layer in layers]
+        for layer in sub.layers:
+            layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+        ids, new_mask = self._block(feeds)
+        old = self.mask.shape[1]
+        positions = (self.lengths[index, None] + new_mask.cumsum(1) - 1).clamp(min=0)
+        mask = torch.cat([self.mask.index_select(0, index), new_mask], dim=1)
+        last = _last_column(len(rows), ids.shape[1], ids.device)
+        hidden, logits, sub = self.model.run(ids, mask, position_ids=positions, past_key_values=sub, use_cache=True,
+                                             logits_at=last)
+        sub_layers = _dense_layers(sub, mask.shape[1])
+        assert sub_layers is not None, "the model's cache changed kind in a step"
+        for full, part in zip(layers, sub_layers, strict=True):
+            for name in ("keys", "values"):
+                t, new = getattr(full, name), getattr(part, name)[:, :, old:]
+                grown = torch.cat([t, t.new_zeros((t.shape[0], t.shape[1], new.shape[2], t.shape[3]))], dim=2)
+                grown[index, :, old:] = new
+                setattr(full, name, grown)
+        cols = torch.zeros((self.mask.shape[0], new_mask.shape[1]), dtype=self.mask.dtype, device=self.mask.device)
+        cols[index] = new_mask
+        self.mask = torch.cat([self.mask, cols], dim=1)
+        self.lengths = self.lengths.index_add(0, index, new_mask.sum(1))
+        self.splits += 1
         self._maybe_compact()
         return hidden[:, -1], logits
 
@@ -405,6 +464,7 @@ class _CachedStepper:
 
 
 COMPACT_SLACK, COMPACT_RATIO = 64, 1.0  # the generic cache is compacted when holes > slack + ratio x longest row
+SPLIT_MIN = 256  # token slots narrow rows would waste in a wide step before the wide rows run apart
 
 
 def _dense_layers(cache: Any, width: int) -> list[Any] | None:
