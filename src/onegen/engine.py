@@ -7,9 +7,11 @@ as one batch. In insert mode the logits of the `[RQ]` step are discarded and `<p
 next token; in link mode (entity linking) the retrieved id is recorded and the `[RQ]` logits are used
 as usual. A row whose retrieval budget is spent cannot emit `[RQ]` again (masked).
 
-Every step is ONE forward over all rows: each row's new tokens (1 decode token, or a whole paragraph,
-or its prompt) are right-aligned in a (B, S) block, earlier columns masked, positions counted per row;
-so rows run at different phases in one batch. The two baselines share the loop: `reencode` (the same
+Every step feeds each row's new tokens (1 decode token, or a whole paragraph, or its prompt) in one
+forward over all rows: right-aligned in a (B, S) block, earlier columns masked, positions counted per
+row; so rows run at different phases in one batch. On the generic path a step that mixes paragraphs
+with one-token rows runs the paragraph rows apart (a second forward over their own cache rows), and the
+cache is compacted when the holes alignment leaves behind outnumber the tokens (`_CachedStepper`). The two baselines share the loop: `reencode` (the same
 model re-encodes the whole context in a second pass at each `[RQ]`, GritLM-style) and `pipeline` (a
 separate retriever embeds the query text). `stats` counts the tokens each model processed.
 
