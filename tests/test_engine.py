@@ -247,3 +247,29 @@ def test_sampling_batched_equals_one_by_one(model, index, corpus):
     assert [r.token_ids for r in batched] == [r.token_ids for r in single]
     greedy = eng.generate(QUESTIONS, **{**kw, "do_sample": False, "max_new_tokens": limits})
     assert [r.token_ids for r in batched] != [r.token_ids for r in greedy]  # it really sampled
+
+
+def test_split_step_falls_back_when_the_rows_cache_comes_back_another_kind(model, index, corpus, monkeypatch):
+    """If the model hands back a cache the split cannot merge, the paragraph rows are fed the plain way
+    in the same step: the same tokens as recomputing every row."""
+    import onegen.engine
+
+    real = onegen.engine._dense_layers
+    main: list = []
+    refused = []
+
+    def dense_layers(cache, width):  # the engine's own cache as it is; any other (the rows' cache) refused
+        if main and cache is not main[0].cache:
+            refused.append(width)
+            return None
+        return real(cache, width)
+
+    monkeypatch.setattr(onegen.engine, "SPLIT_MIN", 0)
+    monkeypatch.setattr(onegen.engine, "_dense_layers", dense_layers)
+    engine = Engine(model, index, corpus=corpus, fast=False)
+    new_stepper = engine.new_stepper
+    engine.new_stepper = lambda *a: main.append(new_stepper(*a)) or main[-1]
+    a = engine.generate(QUESTIONS, **GEN)
+    b = Engine(model, index, corpus=corpus, use_cache=False).generate(QUESTIONS, **GEN)
+    assert refused and main[0].splits == 0  # splits were attempted, and every one fell back
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]

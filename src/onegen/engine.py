@@ -420,7 +420,7 @@ class _CachedStepper:
         """One forward over `rows` only: their cache rows gathered into a cache of their own, the new
         columns written back (holes for the other rows, which the compaction removes later)."""
         layers = _dense_layers(self.cache, self.mask.shape[1])
-        assert layers is not None
+        assert layers is not None  # `step` checked `_splittable`
         index = torch.tensor(rows, device=self.mask.device)
         sub = copy.copy(self.cache)
         sub.layers = [copy.copy(layer) for layer in layers]
@@ -434,7 +434,12 @@ class _CachedStepper:
         hidden, logits, sub = self.model.run(ids, mask, position_ids=positions, past_key_values=sub, use_cache=True,
                                              logits_at=last)
         sub_layers = _dense_layers(sub, mask.shape[1])
-        assert sub_layers is not None, "the model's cache changed kind in a step"
+        if sub_layers is None:  # the model handed back another kind of cache: feed these rows the plain way
+            feed_all = [[] for _ in range(self.mask.shape[0])]
+            for i, f in zip(rows, feeds, strict=True):
+                feed_all[i] = f
+            hidden_all, logits_all = self._step_all(feed_all)
+            return hidden_all[index], logits_all[index]
         for full, part in zip(layers, sub_layers, strict=True):
             for name in ("keys", "values"):
                 t, new = getattr(full, name), getattr(part, name)[:, :, old:]
