@@ -358,10 +358,11 @@ class _CachedStepper:
     is a run of holes in all the others. With rows retrieving at different steps the holes would soon
     outnumber the tokens (64 rows inserting 4 paragraphs of 64 tokens each: ~16k columns, 250 of them
     real per row), and each step would attend over, and keep, all of them. So when the holes exceed
-    `COMPACT_SLACK` + `COMPACT_RATIO` x the longest row, the cache is compacted: each row's real columns are gathered,
-    in order, right-aligned into `longest` columns (one gather per layer). Positions are explicit and
-    holes were masked, so the outputs do not change. Done only for plain dynamic caches (full
-    attention, keys/values (B, H, T, d)); others keep their holes.
+    `COMPACT_SLACK` + `COMPACT_RATIO` x the longest row, the cache is compacted: each row's real
+    columns are gathered, in order, right-aligned into `longest` columns (one gather per layer).
+    Positions are explicit and holes were masked, so the outputs do not change. Done only for plain
+    dynamic caches (full attention, keys/values (B, H, T, d)); others keep their holes. Steps that mix
+    paragraphs with one-token rows are split (`step`).
     """
 
     def __init__(self, model: OneGenModel, n_rows: int):
