@@ -21,7 +21,7 @@ LOG="$OUT/suite.log"
 : >"$LOG"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 INFERENCE_ARGS=${INFERENCE_ARGS:---size 7b --engine fast --repeats 2}
-TRAIN_ARGS=${TRAIN_ARGS:---models 1b 7b --repeats 3}
+TRAIN_ARGS=${TRAIN_ARGS:---models 7b 1b --checkpointing 1 0 --repeats 3}  # the target row (7B, checkpointing on) first
 INDEX_ARGS=${INDEX_ARGS:---model 7b --docs 1000 --repeats 1}
 failed=0
 start=$SECONDS

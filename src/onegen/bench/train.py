@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -212,17 +214,32 @@ def _measure(model: OneGenModel, step, args: argparse.Namespace) -> dict[str, An
 
 
 def bench_train(args: argparse.Namespace) -> dict[str, Any]:
+    """Every model x checkpointing row; `train.json` is rewritten (marked partial) after each row, so a
+    run stopped by a time limit keeps what it measured."""
+    from ..io import write_json_atomic
+
     dtype = getattr(torch, args.dtype)
     peak, peak_src = peak_flops(args.device, dtype)
     loss_cfg = LossConfig(negatives=PAPER_BATCH["negatives"], in_batch_negatives=False)
-    rows = [row for shape in args.models for row in _bench_model(shape, dtype, peak, loss_cfg, args)]
-    return {"benchmark": "train", "rows": rows, "peak_flops": peak, "peak_source": peak_src,
-            "batch": {**PAPER_BATCH, "scale": args.scale}, "machine": machine(args.device), "args": vars(args)}
+    rows: list[dict[str, Any]] = []
+
+    def result(partial: bool = False) -> dict[str, Any]:
+        return {"benchmark": "train", "partial": partial, "rows": rows, "peak_flops": peak, "peak_source": peak_src,
+                "batch": {**PAPER_BATCH, "scale": args.scale}, "machine": machine(args.device), "args": vars(args)}
+
+    def add(row: dict[str, Any]) -> None:
+        rows.append(row)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(args.out) / "train.json", result(partial=True))
+
+    for shape in args.models:
+        _bench_model(shape, dtype, peak, loss_cfg, args, add)
+    return result()
 
 
 def _bench_model(shape: str, dtype: torch.dtype, peak: float, loss_cfg: LossConfig,
-                 args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Both steps on one model shape, checkpointing off and on: one row per setting."""
+                 args: argparse.Namespace, add: Callable[[dict[str, Any]], None]) -> None:
+    """The three steps on one model shape, for each checkpointing setting: one row per setting (`add`)."""
     model = build_model(shape, args.device, dtype, args.seed).train()
     n_params = sum(p.numel() for p in model.parameters()) - model.hf_model.get_input_embeddings().weight.numel()
     batch = make_batch(model, args.scale, args.seed)
@@ -231,7 +248,7 @@ def _bench_model(shape: str, dtype: torch.dtype, peak: float, loss_cfg: LossConf
     steps = {"naive": partial(naive_loss, model, batch, loss_cfg),
              "padded": partial(onegen_loss, model, batch, loss_cfg, collated),
              "onegen": partial(onegen_loss, model, batch, loss_cfg, packed)}
-    real, rows = batch.real_tokens, []
+    real = batch.real_tokens
     for ckpt in args.checkpointing:
         if ckpt:
             model.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -263,9 +280,8 @@ def _bench_model(shape: str, dtype: torch.dtype, peak: float, loss_cfg: LossConf
             row[f"act_ratio{suffix}"] = (row[f"{name}_act_gb"] / row["naive_act_gb"]
                                          if both and row["naive_act_gb"] > 0 else None)
             row[f"loss_diff{suffix}"] = abs(row[f"{name}_loss"] - row["naive_loss"]) if both else None
-        rows.append(row)
+        add(row)
         print(table([row], COLUMNS).splitlines()[1], flush=True)
-    return rows
 
 
 COLUMNS = [("model", "model", ""), ("checkpointing", "ckpt", ""), ("real_tokens", "real tok", "d"),
