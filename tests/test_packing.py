@@ -225,3 +225,26 @@ def test_packed_step_on_cuda_in_bf16():
     batch = make_batch(model, 0.2, 3)
     losses = [float(onegen_loss(model, batch, LOSS, pack=p)) for p in (False, True)]
     assert losses[0] > 1.0 and losses[1] == pytest.approx(losses[0], rel=2e-2)
+
+
+def test_long_samples_beside_short_documents_pack_apart(tokenizer, tokens):
+    """With `attention_cost`, a batch of long samples and short documents packs each kind at its own width
+    (two forwards) when the wide rows' dense attention would cost more; the vectors are the same."""
+    model = _model("llama", tokenizer, tokens).eval()  # hidden 32: attention weighs a lot per position
+    batch = make_batch(model, 0.5, 4)  # answers of 150-450 tokens, documents of 20-100
+    corpus = Corpus([Document(d, d) for d in batch.docs])
+
+    def collate(cost):
+        return Collator(corpus, batch.docs.__getitem__, model.ids.pad, LOSS.negatives, True, pack=True,
+                        attention_cost=cost)(batch.answers, random.Random(0))
+
+    apart, together = collate(1 / (6 * 32)), collate(1 / (6 * 4096))  # a 32-wide model, a 7B-wide one
+    assert "doc_segment_ids" in apart and "doc_segment_ids" not in together
+    assert apart["doc_input_ids"].shape[1] < apart["input_ids"].shape[1]  # documents at their own width
+    padded = Collator(corpus, batch.docs.__getitem__, model.ids.pad, LOSS.negatives, True)(batch.answers,
+                                                                                          random.Random(0))
+    with torch.no_grad():
+        want = model(padded)
+        for got in (model(apart), model(together)):
+            for key in ("gen_hidden", "query_vecs", "doc_vecs"):
+                torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5)

@@ -4,7 +4,9 @@ For each query token: one positive (drawn from its positives), hard negatives fr
 corpus negatives topped up to `negatives`; other queries' documents act as in-batch negatives. Each
 document is encoded once per batch. Two layouts of the same content:
 - packed (`pack=True`): samples and documents share rows as wide as the longest of them, with
-  restarting `position_ids` and `segment_ids` for a block-diagonal mask (`packing`): ONE forward;
+  restarting `position_ids` and `segment_ids` for a block-diagonal mask (`packing`): ONE forward (or
+  two, each kind packed at its own width, when long samples would make short documents pay for
+  wide rows' attention: `attention_cost`);
 - padded: samples and documents padded separately, each to its own longest (dynamic padding, never to
   max length): two forwards. Used when packing is off, or when a sequence exceeds `pack_limit`.
 Both give (row, position) indices for LM targets, query tokens and (packed) the documents' `[RD]`.
@@ -23,7 +25,7 @@ import torch
 
 from .data import Corpus
 from .model import pad_right
-from .packing import pack
+from .packing import Packed, pack
 from .render import Rendered
 from .tokens import IGNORE_INDEX
 
@@ -49,14 +51,17 @@ class Collator:
             (`loss.query_token_weight`; the batch then carries `lm_weights`).
         pack: lay samples and documents out packed (see the module docstring).
         pack_limit: pack only batches whose sequences are at most this long (a sliding window).
+        attention_cost: 1 / (6 x hidden size): with it, samples and documents are packed apart (two
+            forwards, each kind at its own width) when that costs less than one forward at the longest
+            width (long samples beside short documents: the dense attention of wide rows would dominate).
     """
 
     def __init__(self, corpus: Corpus | None, encode_document: Callable[[str], list[int]], pad_id: int,
                  negatives: int = 4, in_batch_negatives: bool = True, lm: bool = True, retrieval: bool = True,
                  query_id: int | None = None, query_weight: float = 1.0, pack: bool = False,
-                 pack_limit: int | None = None):
+                 pack_limit: int | None = None, attention_cost: float | None = None):
         self.corpus = corpus
-        self.pack, self.pack_limit = pack, pack_limit
+        self.pack, self.pack_limit, self.attention_cost = pack, pack_limit, attention_cost
         self.query_id, self.query_weight = query_id, query_weight
         self.lm, self.retrieval = lm, retrieval
         self.encode_document = encode_document
@@ -103,11 +108,9 @@ class Collator:
         batch: dict[str, torch.Tensor] = {}
         packed = self.pack and (self.pack_limit is None or max(map(len, seqs + doc_seqs)) <= self.pack_limit)
         if packed:
-            p = pack(seqs + doc_seqs, self.pad_id)
-            batch.update(input_ids=p.input_ids, position_ids=p.position_ids, segment_ids=p.segment_ids)
-            places = p.places
+            places, doc_places = self._pack(seqs, doc_seqs, batch)
             batch["doc_positions"] = torch.tensor([(r, c + len(d) - 1) for (r, c), d in
-                                                   zip(places[len(seqs):], doc_seqs, strict=True)],
+                                                   zip(doc_places, doc_seqs, strict=True)],
                                                   dtype=torch.long).reshape(-1, 2)
         else:
             batch["input_ids"], batch["attention_mask"] = pad_right(seqs, self.pad_id)
@@ -140,6 +143,30 @@ class Collator:
             targets_t = batch["lm_targets"]
             batch["lm_weights"] = torch.where(targets_t == self.query_id, self.query_weight, 1.0)
         return batch
+
+
+    def _pack(self, seqs: list[list[int]], doc_seqs: list[list[int]], batch: dict[str, torch.Tensor]
+              ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Samples and documents packed into shared rows, or (when `attention_cost` says that is cheaper)
+        each kind into rows of its own width, run as two forwards (`doc_*` keys). Returns where each
+        sample and each document starts (row, column) in its rows."""
+        together = pack(seqs + doc_seqs, self.pad_id)
+        if self.attention_cost is not None and seqs and doc_seqs:
+            apart = pack(seqs, self.pad_id), pack(doc_seqs, self.pad_id)
+            if sum(self._cost(p) for p in apart) < self._cost(together):
+                for prefix, p in zip(("", "doc_"), apart, strict=True):
+                    batch.update({f"{prefix}input_ids": p.input_ids, f"{prefix}position_ids": p.position_ids,
+                                  f"{prefix}segment_ids": p.segment_ids})
+                return apart[0].places, apart[1].places
+        batch.update(input_ids=together.input_ids, position_ids=together.position_ids,
+                     segment_ids=together.segment_ids)
+        return together.places[: len(seqs)], together.places[len(seqs):]
+
+    def _cost(self, p: Packed) -> float:
+        """A forward's cost in token units: every position once (the projections), plus the dense W x W
+        attention of its rows, a W / (6 d) share per position for hidden size d (`attention_cost` = 1 / 6d)."""
+        rows, width = p.input_ids.shape
+        return rows * width * (1 + width * (self.attention_cost or 0.0))
 
 
 def _pad_keys(rows: list[list[int]]) -> torch.Tensor:

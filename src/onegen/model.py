@@ -268,7 +268,13 @@ class OneGenModel(nn.Module):
             hidden, out["gen_logits"], _ = self.run(batch["input_ids"], mask, logits_at=lm_pos, **kwargs)
         q_pos = batch["query_positions"]  # (Q, 2)
         out["query_vecs"] = hidden[q_pos[:, 0], q_pos[:, 1]]
-        if "doc_positions" in batch:
+        if "doc_segment_ids" in batch:  # documents packed apart, at their own width
+            d_pos = batch["doc_positions"]
+            doc_hidden, _ = self.hidden_states(batch["doc_input_ids"],
+                                               block_mask(batch["doc_segment_ids"], kind, self.dtype),
+                                               position_ids=batch["doc_position_ids"])
+            out["doc_vecs"] = doc_hidden[d_pos[:, 0], d_pos[:, 1]]
+        elif "doc_positions" in batch:
             d_pos = batch["doc_positions"]
             out["doc_vecs"] = hidden[d_pos[:, 0], d_pos[:, 1]]
         elif batch.get("doc_input_ids") is not None and batch["doc_input_ids"].numel():

@@ -188,7 +188,7 @@ def train(config: TrainConfig, progress: bool | None = None) -> Path:
     collator = Collator(corpus, model.renderer.encode_document, model.ids.pad, config.loss.negatives,
                         config.loss.in_batch_negatives, lm=lm_on, retrieval=ret_on, query_id=model.ids.query,
                         query_weight=config.loss.query_token_weight, pack=packing,
-                        pack_limit=model.packing_window)
+                        pack_limit=model.packing_window, attention_cost=1 / (6 * model.hidden_size))
     objective = Objective(config.loss)
 
     global_batch = tc.batch_size * world

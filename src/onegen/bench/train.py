@@ -179,7 +179,8 @@ def onegen_loss(model: OneGenModel, batch: StepBatch, loss_cfg: LossConfig,
 def collate(model: OneGenModel, batch: StepBatch, loss_cfg: LossConfig, pack: bool = False) -> dict[str, torch.Tensor]:
     corpus = Corpus([Document(d, d) for d in batch.docs])
     collator = Collator(corpus, batch.docs.__getitem__, model.ids.pad, loss_cfg.negatives, loss_cfg.in_batch_negatives,
-                        pack=pack and model.packing_mask_kind() is not None, pack_limit=model.packing_window)
+                        pack=pack and model.packing_mask_kind() is not None, pack_limit=model.packing_window,
+                        attention_cost=1 / (6 * model.hidden_size))
     return collator(batch.answers, random.Random(0))
 
 
