@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -167,6 +168,13 @@ class Collator:
         attention of its rows, a W / (6 d) share per position for hidden size d (`attention_cost` = 1 / 6d)."""
         rows, width = p.input_ids.shape
         return rows * width * (1 + width * (self.attention_cost or 0.0))
+
+
+def pack_options(model, pack: bool) -> dict[str, Any]:
+    """The `Collator` packing keywords for a `OneGenModel`: packing only when asked and the model passed
+    the packing probe, its sliding window as the limit, and its attention cost per position (1 / 6d)."""
+    return {"pack": pack and model.packing_mask_kind() is not None, "pack_limit": model.packing_window,
+            "attention_cost": 1 / (6 * model.hidden_size)}
 
 
 def _pad_keys(rows: list[list[int]]) -> torch.Tensor:

@@ -11,9 +11,11 @@ Every step feeds each row's new tokens (1 decode token, or a whole paragraph, or
 forward over all rows: right-aligned in a (B, S) block, earlier columns masked, positions counted per
 row; so rows run at different phases in one batch. On the generic path a step that mixes paragraphs
 with one-token rows runs the paragraph rows apart (a second forward over their own cache rows), and the
-cache is compacted when the holes alignment leaves behind outnumber the tokens (`_CachedStepper`). The two baselines share the loop: `reencode` (the same
-model re-encodes the whole context in a second pass at each `[RQ]`, GritLM-style) and `pipeline` (a
-separate retriever embeds the query text). `stats` counts the tokens each model processed.
+cache is compacted when the holes alignment leaves behind outnumber the tokens (`_CachedStepper`).
+
+The two baselines share the loop: `reencode` (the same model re-encodes the whole context in a second
+pass at each `[RQ]`, GritLM-style) and `pipeline` (a separate retriever embeds the query text).
+`stats` counts the tokens each model processed.
 
 The step itself is behind `_CachedStepper` / `_RecomputeStepper`; the fast path (`fastpath`: static
 slot cache, CUDA graphs) replaces it with the same interface and gives the same tokens.

@@ -21,6 +21,7 @@ from torch import nn
 
 from .errors import OneGenError
 from .model import OneGenModel
+from .packing import sliding_window
 
 ROPE_TYPES = ("default", "linear", "llama3")
 _LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
@@ -134,9 +135,7 @@ def layout(model: OneGenModel) -> Layout:
     n_heads, n_kv = out[0].q[0].shape[0] // head_dim, out[0].k[0].shape[0] // head_dim
     if n_heads % max(n_kv, 1) or n_kv == 0:
         raise FastPathUnsupported(f"{n_heads} query heads cannot share {n_kv} KV heads")
-    windows = [getattr(layer.self_attn, "sliding_window", None) for layer in layers]
-    if getattr(cfg, "use_sliding_window", True) is not False:
-        windows.append(getattr(cfg, "sliding_window", None))
+    windows = [getattr(layer.self_attn, "sliding_window", None) for layer in layers] + [sliding_window(cfg)]
     windows = [x for x in windows if isinstance(x, int) and x > 0]
     return Layout(embed.weight, out, _norm(getattr(body, "norm", None), "the final norm"), n_heads, n_kv,
                    head_dim, float(getattr(attn, "scaling", head_dim ** -0.5)), rotary[0].inv_freq,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .collate import Collator
+from .collate import Collator, pack_options
 from .config import TrainConfig
 from .data import Corpus, Sample, read_corpus, read_el_items, read_samples
 from .errors import OneGenError
@@ -187,8 +187,7 @@ def train(config: TrainConfig, progress: bool | None = None) -> Path:
     packing = tc.packing and _packs(model)
     collator = Collator(corpus, model.renderer.encode_document, model.ids.pad, config.loss.negatives,
                         config.loss.in_batch_negatives, lm=lm_on, retrieval=ret_on, query_id=model.ids.query,
-                        query_weight=config.loss.query_token_weight, pack=packing,
-                        pack_limit=model.packing_window, attention_cost=1 / (6 * model.hidden_size))
+                        query_weight=config.loss.query_token_weight, **pack_options(model, packing))
     objective = Objective(config.loss)
 
     global_batch = tc.batch_size * world

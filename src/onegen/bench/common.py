@@ -153,6 +153,15 @@ def table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> st
     return "\n".join(lines)
 
 
+def write_partial(result: dict[str, Any], out: str | Path, name: str) -> None:
+    """`<out>/<name>.json` now (atomic), with `partial: true`: a run stopped by a time limit keeps what it
+    measured; `write_outputs` writes the final one."""
+    from ..io import write_json_atomic
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(out) / f"{name}.json", {**result, "partial": True})
+
+
 def write_outputs(result: dict[str, Any], out: str | Path, name: str,
                   plot: Callable[[dict[str, Any]], Any]) -> None:
     """`<out>/<name>.json` and `<out>/<name>.png` (both atomic); `plot` returns a matplotlib figure."""

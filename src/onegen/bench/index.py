@@ -16,15 +16,22 @@ from __future__ import annotations
 
 import argparse
 import gc
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..index import make_backend
-from ..io import write_json_atomic
 from ..model import pad_right
-from .common import common_args, machine, median_time, memory_bandwidth, peak_flops, table, write_outputs
+from .common import (
+    common_args,
+    machine,
+    median_time,
+    memory_bandwidth,
+    peak_flops,
+    table,
+    write_outputs,
+    write_partial,
+)
 from .train import build_model
 
 
@@ -163,15 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth, bw_src = memory_bandwidth(args.device)
     rows: list[dict[str, Any]] = []
 
-    def result(partial: bool = False) -> dict[str, Any]:
-        return {"benchmark": "index", "partial": partial, "rows": rows, "peak_flops": peak, "peak_source": peak_src,
+    def result() -> dict[str, Any]:
+        return {"benchmark": "index", "partial": False, "rows": rows, "peak_flops": peak, "peak_source": peak_src,
                 "bandwidth": bandwidth, "bandwidth_source": bw_src, "machine": machine(args.device), "args": vars(args)}
 
     if args.skip != "search":  # first: seconds on a GPU, and a time limit then still leaves it in index.json
         print(table([], SEARCH_COLUMNS))
         rows += bench_search(args, bandwidth)
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(args.out) / "index.json", result(partial=True))
+        write_partial(result(), args.out, "index")
     if args.skip != "embed":
         print(table([], EMBED_COLUMNS))
         rows += bench_embedding(args, peak)

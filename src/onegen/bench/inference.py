@@ -25,7 +25,6 @@ import argparse
 import gc
 import statistics
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,7 +35,7 @@ from ..fastpath import FastDecoder
 from ..index import Index
 from ..model import OneGenModel
 from ..retrievers import DenseRetriever
-from .common import common_args, machine, median_time, memory_bandwidth, table, write_outputs
+from .common import common_args, machine, median_time, memory_bandwidth, table, write_outputs, write_partial
 from .onepass import BigIndex, PoolCorpus, Recorder, latency, prompt_text, texts, throughput, weight_bytes
 from .train import build_model
 
@@ -133,16 +132,13 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
     w_bytes = weight_bytes(gen)
     rows: list[dict[str, Any]] = []
 
-    def result(partial: bool = False) -> dict[str, Any]:
-        return {"benchmark": "inference", "partial": partial, "rows": rows, "bandwidth": bandwidth,
+    def result() -> dict[str, Any]:
+        return {"benchmark": "inference", "partial": False, "rows": rows, "bandwidth": bandwidth,
                 "bandwidth_source": bw_src, "weight_bytes": w_bytes, "summary": summary(rows),
                 "machine": machine(args.device), "args": vars(args)}
 
     def save_partial() -> None:  # a time limit that stops the run still leaves what was measured
-        from ..io import write_json_atomic
-
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(args.out) / "inference.json", result(partial=True))
+        write_partial(result(), args.out, "inference")
 
     if args.skip != "throughput":  # the headline numbers first
         print(table([], THROUGHPUT_COLUMNS))

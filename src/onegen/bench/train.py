@@ -23,20 +23,29 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..collate import Collator
+from ..collate import Collator, pack_options
 from ..config import LossConfig, TokensConfig
 from ..data import Corpus, Document, Retrieval
 from ..losses import Objective
 from ..model import OneGenModel
 from ..render import Rendered
 from ..tokens import IGNORE_INDEX
-from .common import PeakHeap, common_args, machine, median_time, peak_flops, sync, table, write_outputs
+from .common import (
+    PeakHeap,
+    common_args,
+    machine,
+    median_time,
+    peak_flops,
+    sync,
+    table,
+    write_outputs,
+    write_partial,
+)
 
 # name -> (hidden, layers, heads, kv heads, intermediate, vocab): TinyLlama-1.1B and Llama-2-7B shapes,
 # and CPU minis that keep their vocabulary / hidden ratios (16 and 8)
@@ -179,8 +188,7 @@ def onegen_loss(model: OneGenModel, batch: StepBatch, loss_cfg: LossConfig,
 def collate(model: OneGenModel, batch: StepBatch, loss_cfg: LossConfig, pack: bool = False) -> dict[str, torch.Tensor]:
     corpus = Corpus([Document(d, d) for d in batch.docs])
     collator = Collator(corpus, batch.docs.__getitem__, model.ids.pad, loss_cfg.negatives, loss_cfg.in_batch_negatives,
-                        pack=pack and model.packing_mask_kind() is not None, pack_limit=model.packing_window,
-                        attention_cost=1 / (6 * model.hidden_size))
+                        **pack_options(model, pack))
     return collator(batch.answers, random.Random(0))
 
 
@@ -217,21 +225,18 @@ def _measure(model: OneGenModel, step, args: argparse.Namespace) -> dict[str, An
 def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     """Every model x checkpointing row; `train.json` is rewritten (marked partial) after each row, so a
     run stopped by a time limit keeps what it measured."""
-    from ..io import write_json_atomic
-
     dtype = getattr(torch, args.dtype)
     peak, peak_src = peak_flops(args.device, dtype)
     loss_cfg = LossConfig(negatives=PAPER_BATCH["negatives"], in_batch_negatives=False)
     rows: list[dict[str, Any]] = []
 
-    def result(partial: bool = False) -> dict[str, Any]:
-        return {"benchmark": "train", "partial": partial, "rows": rows, "peak_flops": peak, "peak_source": peak_src,
+    def result() -> dict[str, Any]:
+        return {"benchmark": "train", "partial": False, "rows": rows, "peak_flops": peak, "peak_source": peak_src,
                 "batch": {**PAPER_BATCH, "scale": args.scale}, "machine": machine(args.device), "args": vars(args)}
 
     def add(row: dict[str, Any]) -> None:
         rows.append(row)
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(args.out) / "train.json", result(partial=True))
+        write_partial(result(), args.out, "train")
 
     for shape in args.models:
         _bench_model(shape, dtype, peak, loss_cfg, args, add)
