@@ -273,3 +273,105 @@ def test_split_step_falls_back_when_the_rows_cache_comes_back_another_kind(model
     b = Engine(model, index, corpus=corpus, use_cache=False).generate(QUESTIONS, **GEN)
     assert refused and main[0].splits == 0  # splits were attempted, and every one fell back
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
+
+
+def _same_results(a, b):
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert [[(e.position, e.doc_ids) for e in r.retrievals] for r in a] == \
+        [[(e.position, e.doc_ids) for e in r.retrievals] for r in b]
+    flat = [s for r in b for e in r.retrievals for s in e.scores]
+    assert flat == pytest.approx([s for r in a for e in r.retrievals for s in e.scores], abs=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["onegen", "reencode", "pipeline"])
+@pytest.mark.parametrize("link", [False, True])
+def test_queries_waiting_for_a_shared_search_give_the_same_results(model, index, corpus, mode, link):
+    """Rows that fed [RQ] wait up to N steps for one search with others: same tokens, positions, documents,
+    scores and query vectors as searching at once; fewer searches. Reencode and pipeline read the context
+    up to each row's own [RQ], even in link mode where the row has written on since."""
+    kw = {"retriever": DenseRetriever(_model(1), Index.build(_model(1), corpus, progress=False))} \
+        if mode == "pipeline" else {}
+    idx = None if mode == "pipeline" else index
+    at_once = Engine(model, idx, mode=mode, corpus=corpus, search_wait=0, **kw)
+    ref = at_once.generate(QUESTIONS, link=link, keep_vectors=True, **GEN)
+    assert at_once.stats["searches"] > 3 and at_once.stats["queries"] == sum(len(r.retrievals) for r in ref) == 12
+    for wait in (1, 3):
+        eng = Engine(model, idx, mode=mode, corpus=corpus, search_wait=wait, **kw)
+        got = eng.generate(QUESTIONS, link=link, keep_vectors=True, **GEN)
+        _same_results(ref, got)
+        assert eng.stats["queries"] == 12 and eng.stats["searches"] < at_once.stats["searches"]
+        if mode != "pipeline":
+            for ra, rb in zip(ref, got, strict=True):
+                for ea, eb in zip(ra.retrievals, rb.retrievals, strict=True):
+                    torch.testing.assert_close(eb.query_vec, ea.query_vec, atol=1e-5, rtol=1e-4)
+        if not link:  # waiting rows idle: the engine takes more steps
+            assert eng.stats["forwards"] > at_once.stats["forwards"]
+
+
+def test_waiting_equals_recompute_and_one_by_one(model, index, corpus):
+    cached = Engine(model, index, corpus=corpus, search_wait=2).generate(QUESTIONS, **GEN)
+    recompute = Engine(model, index, corpus=corpus, search_wait=2, use_cache=False).generate(QUESTIONS, **GEN)
+    single = [Engine(model, index, corpus=corpus).generate([q], **GEN)[0] for q in QUESTIONS]
+    _same_results(cached, recompute)
+    _same_results(single, cached)
+
+
+def _rows(waiting: int, running: int, length: int = 10):
+    from onegen.engine import _Row
+
+    return [_Row([1] * length, [], [], waiting=True) for _ in range(waiting)] + \
+        [_Row([1] * length, [1], []) for _ in range(running)]
+
+
+def test_search_queue_rent_or_buy():
+    """auto: a scan is bought once the waiting rows' idle share of steps would cost more than it, counted
+    in bytes read (weights 100 + KV 1 per token, rows of 10 tokens: a step of 64 rows reads 740)."""
+    from onegen.engine import SEARCH_MAX_WAIT, _SearchQueue
+
+    def queue(scan, link=False, wait="auto"):
+        q = _SearchQueue(wait, scan, link, weight_bytes=100, kv_per_token=1)
+        q.add(0, 5, None)
+        return q
+
+    alone = _rows(1, 0)
+    assert queue(10**9).due(alone)  # nobody else could run: search whatever it costs
+    one_of_two = _rows(1, 1)
+    assert queue(60).due(one_of_two)  # idling half of a 120-byte step (60) costs a scan of 60
+    assert not queue(61).due(one_of_two)
+    rows = _rows(1, 63)  # one waiting row wastes 740 / 64 = 11.6 bytes a step
+    q, steps = queue(100), 0
+    while not q.due(rows):
+        q.wait(rows)
+        steps += 1
+    assert steps == 8 and q.age == 8  # 9 x 11.6 >= 100 > 8 x 11.6
+    assert queue(0).due(rows)  # a backend that does not say what a scan costs: at once
+    q = queue(10**12)
+    for _ in range(SEARCH_MAX_WAIT):
+        assert not q.due(rows)
+        q.wait(rows)
+    assert q.due(rows)  # the cap bounds a row's wait
+    q = queue(0, link=True)  # link mode: rows do not idle, queries wait for free up to the cap
+    assert not q.due(_rows(0, 4))
+    assert queue(10**9, wait=0).due(rows) and not queue(0, wait=2).due(rows)
+    q.take()
+    assert not q.due(rows) and q.age == 0 and q.waste == 0
+
+
+def test_auto_searches_a_small_index_at_once(model, index, corpus):
+    eng = Engine(model, index, corpus=corpus)
+    res = eng.generate(QUESTIONS, **GEN)
+    ref = Engine(model, index, corpus=corpus, search_wait=0)
+    _same_results(ref.generate(QUESTIONS, **GEN), res)
+    assert eng.stats["forwards"] == ref.stats["forwards"] and eng.stats["searches"] == ref.stats["searches"]
+
+
+def test_bad_search_wait_is_refused(model, index, corpus):
+    for bad in (-1, "soon", 1.5):
+        with pytest.raises(ValueError, match="search_wait"):
+            Engine(model, index, corpus=corpus, search_wait=bad)
+
+
+def test_callback_rows_count_across_batches(model, index, corpus):
+    events = []
+    Engine(model, index, corpus=corpus).generate(QUESTIONS, callback=events.append, batch_size=2, **GEN)
+    assert {e["row"] for e in events if e["type"] == "retrieval"} == {0, 1, 2, 3}

@@ -338,3 +338,16 @@ def test_decode_layer_launches_few_kernels(tok_dir):
         counts[layers] = _ops_per_decode_step(model)
     per_layer = (counts[4] - counts[2]) / 2
     assert per_layer <= 26, counts
+
+
+def test_rows_waiting_for_a_shared_search_idle_in_their_slots(setup):
+    """Rows whose query waits for a shared search feed nothing (idle slots): same tokens and documents as
+    the generic path searching at once, with fewer searches."""
+    model, index, corpus = setup
+    ref = Engine(model, index, corpus=corpus, fast=False, search_wait=0)
+    a = ref.generate(QUESTIONS, **GEN)
+    fast = Engine(model, index, corpus=corpus, fast=True, search_wait=3)
+    b = fast.generate(QUESTIONS, **GEN)
+    assert [r.token_ids for r in b] == [r.token_ids for r in a]
+    assert [[e.doc_ids for e in r.retrievals] for r in b] == [[e.doc_ids for e in r.retrievals] for r in a]
+    assert fast.stats["searches"] < ref.stats["searches"] and fast.stats["queries"] == ref.stats["queries"]

@@ -72,6 +72,8 @@ class _Row:
     finish: str = ""
     generator: torch.Generator | None = None
     max_new: int = 64
+    queued: int = 0  # its queries waiting in the search queue
+    waiting: bool = False  # idle until its queued query is searched (insert mode)
 
     @property
     def history(self) -> list[int]:
@@ -91,10 +93,14 @@ class Engine:
         fast: the fast path (`onegen.fastpath`: static slot cache, CUDA graphs): None = when on CUDA and
             the model is supported, True = required (error if unsupported), False = the generic path; a
             `FastDecoder` is used as given (warmed-up graphs shared between engines).
+        search_wait: when to search the queries of rows that fed `[RQ]` (`_SearchQueue`): "auto" holds
+            them while idling costs less than another scan of the index, N holds them up to N steps, 0
+            searches at once. The tokens are the same either way.
     """
 
     def __init__(self, model: OneGenModel, index: Any = None, mode: str = "onegen", retriever: Any = None,
-                 corpus: Any = None, use_cache: bool = True, fast: bool | FastDecoder | None = None):
+                 corpus: Any = None, use_cache: bool = True, fast: bool | FastDecoder | None = None,
+                 search_wait: int | str = "auto"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "pipeline" and retriever is None:
@@ -111,9 +117,12 @@ class Engine:
         if fast and not use_cache:
             raise ValueError("fast=True needs use_cache=True")
         self._fast = fast_decoder(model, fast) if use_cache else None
+        if not (search_wait == "auto" or (isinstance(search_wait, int) and search_wait >= 0)):
+            raise ValueError(f"search_wait must be 'auto' or an int >= 0, got {search_wait!r}")
+        self.search_wait = search_wait
         self._eos = sorted(_eos_ids(model))  # looked up once, not per generated token
         self.stats = {"generator_tokens": 0, "reencode_tokens": 0, "retriever_tokens": 0, "forwards": 0,
-                      "searches": 0}
+                      "searches": 0, "queries": 0}
 
     # -- public ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -160,53 +169,72 @@ class Engine:
         stepper = self.new_stepper(len(rows), max(len(r.prompt) + r.max_new for r in rows) + inserts)
         needs_history = getattr(stepper, "needs_history", False)  # only recomputation re-reads whole rows
         select = _TokenSelector(self, do_sample, temperature, top_p, force_every is not None, ignore_eos)
+        scan = getattr(self.retriever if self.mode == "pipeline" else self.index, "scan_bytes", 0)
+        queue = _SearchQueue(self.search_wait, scan, link, m.weight_bytes(), m.kv_bytes_per_token())
         while not all(r.done for r in rows):
-            # 1. one forward over every row's pending tokens
+            # 1. one forward over every row's pending tokens (waiting rows feed nothing)
             hidden, logits = stepper.step([r.feed if not r.done else [] for r in rows],
                                           [r.history for r in rows] if needs_history else [])
             self.stats["forwards"] += 1
             self.stats["generator_tokens"] += sum(len(r.feed) for r in rows if not r.done)
-            # 2. rows that just fed [RQ] retrieve, as one batch
-            retrieving = [i for i, r in enumerate(rows) if not r.done and r.feed and r.feed[-1] == m.ids.query
-                          and r.n_generated and r.stream and r.stream[-1] == m.ids.query]
-            if retrieving:
-                self._retrieve(rows, retrieving, hidden, top_k, keep_vectors, callback)
-            # 3. rows that retrieved (insert mode) feed the paragraph next
-            inserting = set(retrieving) if not link else set()
-            for i in inserting:
-                r = rows[i]
-                para = m.renderer.encode_paragraph(self._doc_text(r.events[-1].doc_ids[0]))
-                r.stream += para
-                r.n_inserted += len(para)
-                r.feed = para
-            # 4. every other live row decodes a token: all picked at once, one transfer to the CPU
-            decoding = [i for i, r in enumerate(rows) if not r.done and i not in inserting]
-            if not decoding:
-                continue
-            no_rq = [len(rows[i].events) >= max_retrievals for i in decoding]
-            tokens = select(logits, decoding, no_rq, [rows[i].generator for i in decoding])
-            for i, tok, spent in zip(decoding, tokens, no_rq, strict=True):
-                r = rows[i]
-                if force_every and not spent and (r.n_generated + len(r.prompt)) % force_every == force_every - 1:
-                    tok = m.ids.query
-                r.stream.append(tok)
-                r.n_generated += 1
-                r.feed = [tok]
-                if callback:
-                    callback({"row": offset + i, "type": "token", "token_id": tok,
-                              "text": m.tokenizer.decode([tok], skip_special_tokens=False)})
-                self._maybe_finish(r, tok, r.max_new, stop)
-                if r.done and callback:
-                    callback({"row": offset + i, "type": "done", "finish_reason": r.finish})
+            # 2. rows that just fed [RQ] queue their query: the hidden state of this very step
+            for i, r in enumerate(rows):
+                if not r.done and r.feed and r.feed[-1] == m.ids.query and r.n_generated and r.stream \
+                        and r.stream[-1] == m.ids.query:
+                    queue.add(i, len(r.stream) - 1, hidden[i] if self.mode == "onegen" else None)
+                    r.queued += 1
+                    r.feed, r.waiting = ([], True) if not link else (r.feed, False)
+            # 3. every live row that is not waiting decodes a token: all picked at once, one transfer
+            decoding = [i for i, r in enumerate(rows) if not r.done and not r.waiting]
+            if decoding:
+                no_rq = [len(rows[i].events) + rows[i].queued >= max_retrievals for i in decoding]
+                tokens = select(logits, decoding, no_rq, [rows[i].generator for i in decoding])
+                for i, tok, spent in zip(decoding, tokens, no_rq, strict=True):
+                    self._take(rows[i], offset + i, tok, spent, force_every, stop, callback)
+            # 4. the queued queries are searched as one batch now, or wait a step; (insert mode) rows
+            #    whose query was searched feed their paragraph next
+            if queue.due(rows):
+                for i in self._retrieve(rows, queue.take(), offset, top_k, keep_vectors, callback):
+                    r = rows[i]
+                    if not link:
+                        para = m.renderer.encode_paragraph(self._doc_text(r.events[-1].doc_ids[0]))
+                        r.stream += para
+                        r.n_inserted += len(para)
+                        r.feed, r.waiting = para, False
+            else:
+                queue.wait(rows)
+        if queue.items:  # link mode: queries of rows that finished meanwhile
+            self._retrieve(rows, queue.take(), offset, top_k, keep_vectors, callback)
         m.train(was_training)
         return [self._result(r, link) for r in rows]
 
-    def _retrieve(self, rows, retrieving, hidden, top_k, keep_vectors, callback) -> None:
+    def _take(self, r: _Row, row: int, tok: int, spent: bool, force_every: int | None, stop: list[str],
+              callback: Callable[[dict[str, Any]], None] | None) -> None:
+        """Row `r` (number `row` in the call) generated `tok`; it feeds it next."""
         m = self.model
+        if force_every and not spent and (r.n_generated + len(r.prompt)) % force_every == force_every - 1:
+            tok = m.ids.query
+        r.stream.append(tok)
+        r.n_generated += 1
+        r.feed = [tok]
+        if callback:
+            callback({"row": row, "type": "token", "token_id": tok,
+                      "text": m.tokenizer.decode([tok], skip_special_tokens=False)})
+        self._maybe_finish(r, tok, r.max_new, stop)
+        if r.done and callback:
+            callback({"row": row, "type": "done", "finish_reason": r.finish})
+
+    def _retrieve(self, rows: list[_Row], queries: list[tuple[int, int, torch.Tensor | None]], offset: int,
+                  top_k: int, keep_vectors: bool, callback: Callable[[dict[str, Any]], None] | None) -> list[int]:
+        """Search the queued `queries` (row, position of its `[RQ]`, vector) as one batch; record each as
+        its row's next retrieval event. Returns the rows, in order."""
+        m = self.model
+        retrieving = [i for i, _, _ in queries]
+        # what each row had up to its [RQ] (link-mode rows went on decoding since)
+        histories = [rows[i].prompt + rows[i].stream[: pos + 1] for i, pos, _ in queries]
         if self.mode == "onegen":
-            query_vecs = hidden[retrieving]  # (R, D): the [RQ] hidden states of this very step
+            query_vecs = torch.stack([v for _, _, v in queries])  # (R, D): captured at each [RQ] step
         elif self.mode == "reencode":
-            histories = [rows[i].history for i in retrieving]
             query_vecs = m._embed(histories, batch_size=len(histories), progress=False, what="queries")
             self.stats["reencode_tokens"] += sum(len(h) for h in histories)
         else:
@@ -216,32 +244,35 @@ class Engine:
             found = [([self.index.ids[j] for j in idx[r].tolist() if j >= 0], scores[r].tolist()[: top_k])
                      for r in range(len(retrieving))]
         elif hasattr(self.retriever, "retrieve_histories"):  # a second model re-reads the whole context
-            histories = [rows[i].history for i in retrieving]
             found = self.retriever.retrieve_histories(histories, top_k)
             self.stats["retriever_tokens"] += sum(len(h) for h in histories)
         else:
-            texts = [self._query_text(rows[i]) for i in retrieving]
+            texts = [self._query_text(rows[i], pos) for i, pos, _ in queries]
             found = self.retriever.retrieve(texts, top_k)
             self.stats["retriever_tokens"] += self.retriever.count_tokens(texts)
         self.stats["searches"] += 1
-        for n, i in enumerate(retrieving):
+        self.stats["queries"] += len(queries)
+        for n, (i, pos, _) in enumerate(queries):
             r = rows[i]
             ids, scores = found[n]
             vec = query_vecs[n].float().cpu().clone() if keep_vectors and query_vecs is not None else None
-            r.events.append(RetrievalEvent(len(r.stream) - 1, list(ids), [float(s) for s in scores], vec))
+            r.events.append(RetrievalEvent(pos, list(ids), [float(s) for s in scores], vec))
+            r.queued -= 1
             if callback:
-                callback({"row": i, "type": "retrieval", "doc_ids": list(ids), "scores": list(scores)})
+                callback({"row": offset + i, "type": "retrieval", "doc_ids": list(ids), "scores": list(scores)})
+        return retrieving
 
     def _doc_text(self, doc_id: str) -> str:
         if self.corpus is None:
             raise ValueError("the engine needs the corpus texts to insert (pass corpus= or an index with texts)")
         return self.corpus[doc_id].text
 
-    def _query_text(self, row: _Row) -> str:
-        """Pipeline mode: the question plus what the model wrote so far (without inserted paragraphs)."""
+    def _query_text(self, row: _Row, position: int) -> str:
+        """Pipeline mode: the question plus what the model wrote up to its `[RQ]` at `position` (without
+        inserted paragraphs)."""
         m = self.model
         visible, inside = [], False
-        for t in row.stream:
+        for t in row.stream[: position + 1]:
             if t == m.ids.open:
                 inside = True
             elif t == m.ids.close:
@@ -280,6 +311,60 @@ class Engine:
                 text = text.replace(s, "")
         answer = "" if link else extract_answer(text, m.tokens)
         return GenerationResult(text, answer, r.events, r.stream, r.n_generated, r.n_inserted, r.finish)
+
+
+SEARCH_MAX_WAIT = 16  # steps a query may wait under search_wait="auto" (in link mode, where waiting is free)
+
+
+class _SearchQueue:
+    """Queries of rows that fed `[RQ]`, waiting for the index: when to search them, as one batch.
+
+    An exact search reads the whole index whatever the number of queries (1 M x 4096 fp16: 8 GB, the
+    bytes of half a 7B decode step). With rows retrieving at different steps (batch 64, a retrieval every
+    64 tokens: about one `[RQ]` per step) searching at once scans the index at nearly every step. A
+    waiting row idles instead (insert mode: it cannot go on without its paragraph), wasting its share of
+    each step. Under "auto" the queue waits while the waste so far plus one more step of it stays below
+    the price of one scan (rent or buy), in bytes read: a scan reads `scan_bytes`, a step the weights
+    and the live rows' KV cache. So a row alone never waits (its whole step outweighs a scan), a small
+    index is searched at once, and with many rows a few queries share each scan. In link mode rows do
+    not idle (nothing is inserted): queries wait for free, up to `SEARCH_MAX_WAIT` steps or the end.
+    `wait=N` holds queries up to N steps; 0 searches at once. Every rule searches when no live row
+    could run meanwhile. Vectors do not change while they wait: the tokens are the same either way.
+    """
+
+    def __init__(self, wait: int | str, scan_bytes: int, link: bool, weight_bytes: int, kv_per_token: int):
+        self.cap = SEARCH_MAX_WAIT if wait == "auto" else int(wait)
+        self.auto = wait == "auto" and not link
+        self.scan_bytes, self.weight_bytes, self.kv_per_token = scan_bytes, weight_bytes, kv_per_token
+        self.items: list[tuple[int, int, torch.Tensor | None]] = []  # (row, position of [RQ], vector)
+        self.age = 0  # steps the oldest item has waited
+        self.waste = 0.0  # bytes of step time the waiting rows have idled so far
+
+    def add(self, row: int, position: int, vector: torch.Tensor | None) -> None:
+        self.items.append((row, position, vector))
+
+    def take(self) -> list[tuple[int, int, torch.Tensor | None]]:
+        items, self.items, self.age, self.waste = self.items, [], 0, 0.0
+        return items
+
+    def due(self, rows: list[_Row]) -> bool:
+        """Search now? (Else the items wait one more step: `wait`.)"""
+        if not self.items:
+            return False
+        if self.cap == 0 or self.age >= self.cap or all(r.done or r.waiting for r in rows):
+            return True
+        return self.auto and self.waste + self._idle_cost(rows) >= self.scan_bytes
+
+    def wait(self, rows: list[_Row]) -> None:
+        if self.items:
+            self.age += 1
+            self.waste += self._idle_cost(rows) if self.auto else 0.0
+
+    def _idle_cost(self, rows: list[_Row]) -> float:
+        """Bytes of one step the waiting rows waste: their share of it."""
+        live = [r for r in rows if not r.done]
+        step = self.weight_bytes + self.kv_per_token * sum(len(r.prompt) + len(r.stream) for r in live)
+        return step * sum(r.waiting for r in live) / len(live)
 
 
 class _TokenSelector:

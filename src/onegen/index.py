@@ -69,6 +69,9 @@ class Backend(Protocol):
     def load(self, directory: Path, vectors: torch.Tensor) -> None:
         """Restore from `directory`, or from the saved `vectors` (N, D) when it holds nothing of ours."""
 
+    # optional: `scan_bytes` (int property), about the bytes one search reads; the engine's decision of
+    # when to search the queries of rows retrieving at different steps together relies on it (0: at once)
+
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1)
@@ -103,6 +106,11 @@ class FlatBackend:
     def add(self, vectors: torch.Tensor) -> None:
         rows = _normalize(vectors).to(self.device, self.dtype)
         self.matrix = rows if self.matrix is None else torch.cat([self.matrix, rows])
+
+    @property
+    def scan_bytes(self) -> int:
+        """Bytes one search reads (all of the matrix), whatever the number of queries."""
+        return 0 if self.matrix is None else self.matrix.numel() * self.matrix.element_size()
 
     @torch.no_grad()
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,6 +198,18 @@ class FaissBackend:
         if not self.index.is_trained:
             self.index.train(x)
         self.index.add(x)
+
+    @property
+    def scan_bytes(self) -> int:
+        """Bytes one search reads, about: all vectors (flat), the probed lists (IVF), ef x M (HNSW)."""
+        if self.index is None:
+            return 0
+        row = self.index.d * 4
+        if self.name == "faiss-flat":
+            return self.index.ntotal * row
+        if self.name == "faiss-ivf":
+            return self.index.ntotal * row * min(self.nprobe, self.index.nlist) // self.index.nlist
+        return min(self.index.ntotal, self.ef_search * self.M) * row
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         k = min(k, 0 if self.index is None else self.index.ntotal)
@@ -318,6 +338,11 @@ class Index:
 
     def __len__(self) -> int:
         return len(self._ids)
+
+    @property
+    def scan_bytes(self) -> int:
+        """Bytes one search reads, about (0 when the backend does not say): the engine's cost model."""
+        return int(getattr(self.backend, "scan_bytes", 0))
 
     def check_model(self, model: Any) -> None:
         """Raise `OneGenError` unless `model` is the one that built this index (same fingerprint)."""

@@ -171,6 +171,21 @@ class OneGenModel(nn.Module):
     def hidden_size(self) -> int:
         return self.hf_model.get_input_embeddings().weight.shape[1]
 
+    def weight_bytes(self) -> int:
+        """Bytes of all parameters: what one forward step reads at least once."""
+        return sum(p.numel() * p.element_size() for p in self.lm.parameters())
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one token adds to the KV cache (keys and values of every layer), from the config; an
+        estimate (0 when the config names no layers or heads) for cost models, not an allocation."""
+        cfg = self.hf_model.config
+        layers, heads = getattr(cfg, "num_hidden_layers", None), getattr(cfg, "num_attention_heads", None)
+        if not layers or not heads:
+            return 0
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        return 2 * layers * kv * head_dim * self.dtype.itemsize
+
     # -- saving ---------------------------------------------------------------------------------
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write HF weights (or the LoRA adapter) + tokenizer + onegen.json, atomically."""

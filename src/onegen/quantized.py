@@ -73,6 +73,11 @@ class FlatInt8Backend:
         self.codes = codes if self.codes is None else torch.cat([self.codes, codes])
         self.scales = scales if self.scales is None else torch.cat([self.scales, scales])
 
+    @property
+    def scan_bytes(self) -> int:
+        """Bytes one search reads: the codes and scales (the shortlist's re-rank reads next to nothing)."""
+        return 0 if self.codes is None or self.scales is None else self.codes.numel() + 4 * self.scales.numel()
+
     @torch.no_grad()
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = 0 if self.codes is None else self.codes.shape[0]

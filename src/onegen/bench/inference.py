@@ -36,7 +36,7 @@ from ..index import Index
 from ..model import OneGenModel
 from ..retrievers import DenseRetriever
 from .common import common_args, machine, median_time, memory_bandwidth, table, write_outputs, write_partial
-from .onepass import BigIndex, PoolCorpus, Recorder, latency, prompt_text, texts, throughput, weight_bytes
+from .onepass import BigIndex, PoolCorpus, Recorder, latency, prompt_text, texts, throughput
 from .train import build_model
 
 SIZES = {"tiny": "1b-mini", "1b": "1b", "7b": "7b"}  # -> bench.train.SHAPES
@@ -83,9 +83,12 @@ def bench_throughput(gen: OneGenModel, args: argparse.Namespace, bandwidth: floa
         for batch in args.batches:
             if kind == "generic" and batch > args.generic_max_batch:
                 continue
-            rows.append(throughput(engine, kind, batch, args, bandwidth, search_ms))
-            print(table([rows[-1]], THROUGHPUT_COLUMNS).splitlines()[1], flush=True)
-            save()
+            # the first --search-wait policy at every batch, the others side by side at the largest
+            for wait in args.search_wait if batch == max(args.batches) else args.search_wait[:1]:
+                engine.search_wait = wait
+                rows.append(throughput(engine, kind, batch, args, bandwidth, search_ms))
+                print(table([rows[-1]], THROUGHPUT_COLUMNS).splitlines()[1], flush=True)
+                save()
         del engine, fast
         release()
 
@@ -129,7 +132,7 @@ def bench_latency(gen: OneGenModel, args: argparse.Namespace, out: list[dict[str
 def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
     bandwidth, bw_src = memory_bandwidth(args.device)
     gen = model_for(args, seed=0)
-    w_bytes = weight_bytes(gen)
+    w_bytes = gen.weight_bytes()
     rows: list[dict[str, Any]] = []
 
     def result() -> dict[str, Any]:
@@ -165,10 +168,12 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     worst distance from the ideal ratio, memory ratio."""
     out: dict[str, Any] = {}
     tp = [r for r in rows if r["part"] == "throughput"]
+    first = tp[0]["search_wait"] if tp else None
     for r in tp:
-        out[f"{r['engine']}_b{r['batch']}_tok_s"] = r["tok_s"]
-        out[f"{r['engine']}_b{r['batch']}_of_ceiling"] = r["tok_s"] / r["ceiling_tok_s"]
-        out[f"{r['engine']}_b{r['batch']}_overhead"] = r["overhead"]
+        key = f"{r['engine']}_b{r['batch']}" + ("" if r["search_wait"] == first else f"_wait{r['search_wait']}")
+        out[f"{key}_tok_s"] = r["tok_s"]
+        out[f"{key}_of_ceiling"] = r["tok_s"] / r["ceiling_tok_s"]
+        out[f"{key}_overhead"] = r["overhead"]
     lat = [r for r in rows if r["part"] == "latency"]
     for mode in ("reencode", "pipeline"):
         done = [r for r in lat if f"{mode}_gap" in r]
@@ -181,10 +186,12 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-THROUGHPUT_COLUMNS = [("engine", "engine", ""), ("batch", "batch", "d"), ("tok_s", "tok/s", ".1f"),
+THROUGHPUT_COLUMNS = [("engine", "engine", ""), ("batch", "batch", "d"), ("search_wait", "wait", ""),
+                      ("tok_s", "tok/s", ".1f"),
                       ("ceiling_tok_s", "HBM ceil", ".0f"), ("ceiling_kv_tok_s", "ceil+KV", ".0f"),
                       ("plain_tok_s", "plain tok/s", ".1f"), ("overhead", "overhead", "+.3f"),
-                      ("searches", "searches", ".0f"), ("search_ms", "search ms", ".2f"),
+                      ("searches", "searches", ".0f"), ("queries_per_search", "q/search", ".1f"),
+                      ("search_ms", "search ms", ".2f"),
                       ("search_share", "search %", ".3f")]
 LATENCY_COLUMNS = [("query_tokens", "query", "d"), ("new_tokens", "answer", "d"), ("retrievals", "ret", "d"),
                    ("onegen_ms", "onegen ms", ".1f"), ("reencode_ms", "reenc ms", ".1f"),
@@ -202,8 +209,9 @@ def _plot(result: dict[str, Any]) -> Any:
     rows = result["rows"]
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
     tp = [r for r in rows if r["part"] == "throughput"]
+    first = tp[0]["search_wait"] if tp else None
     for eng in sorted({r["engine"] for r in tp}):
-        sel = [r for r in tp if r["engine"] == eng]
+        sel = [r for r in tp if r["engine"] == eng and r["search_wait"] == first]
         ax[0].plot([r["batch"] for r in sel], [r["tok_s"] for r in sel], marker="o", label=f"{eng} (onegen)")
         ax[0].plot([r["batch"] for r in sel], [r["plain_tok_s"] for r in sel], ls=":", label=f"{eng} plain replay")
     if tp:
@@ -231,6 +239,14 @@ def _plot(result: dict[str, Any]) -> Any:
     return fig
 
 
+def _wait(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if text.isdigit():
+        return int(text)
+    raise argparse.ArgumentTypeError(f"'auto' or a number of steps >= 0, got {text!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="onegen bench inference", description="one-pass decoding: tok/s vs the HBM "
                                 "ceiling, retrieval overhead vs plain decoding, latency vs reencode/pipeline, memory")
@@ -248,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=int, default=None, help="[RQ] every N generated tokens (CPU 8, CUDA 64)")
     p.add_argument("--index-rows", type=int, default=None, help="throughput index size (CPU 20000, CUDA 1000000)")
     p.add_argument("--index-backend", choices=["flat", "flat-int8"], default="flat")
+    p.add_argument("--search-wait", type=_wait, nargs="+", default=["auto", 0],
+                   help="engine search_wait policies: the first at every batch, the others side by side at the "
+                        "largest (default: auto 0)")
     p.add_argument("--chunk-rows", type=int, default=None, help="rows per search chunk (default: sized to the queries of each search)")
     p.add_argument("--query-lengths", type=int, nargs="+", default=None, help="latency (CPU 32 128, CUDA 128 1024 4096)")
     p.add_argument("--answers", type=int, nargs="+", default=None, help="latency answer tokens (CPU 8 16, CUDA 16 128)")

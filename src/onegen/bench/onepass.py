@@ -84,6 +84,10 @@ class BigIndex:
         self.ids = [f"d{i}" for i in range(rows)]
         self.bytes = rows * dim * (1 if backend == "flat-int8" else torch.finfo(getattr(torch, dtype)).bits // 8)
 
+    @property
+    def scan_bytes(self) -> int:
+        return self.backend.scan_bytes
+
     def search_tensor(self, vectors: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.backend.search(vectors, k)
 
@@ -117,18 +121,6 @@ def replay(engine: Engine, prompts: list[list[int]], streams: list[list[int]]) -
     return steps
 
 
-def weight_bytes(model: OneGenModel) -> int:
-    return sum(p.numel() * p.element_size() for p in model.hf_model.parameters())
-
-
-def kv_bytes_per_token(model: OneGenModel) -> int:
-    cfg = model.hf_model.config
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
-    return 2 * cfg.num_hidden_layers * kv * head_dim * model.dtype.itemsize
-
-
 def throughput(engine: Engine, name: str, batch: int, args: argparse.Namespace, bandwidth: float,
                search_ms: float) -> dict[str, Any]:
     """Items 1, 2, 3(a): `batch` rows (prompts of different lengths: they retrieve at different steps)."""
@@ -147,16 +139,18 @@ def throughput(engine: Engine, name: str, batch: int, args: argparse.Namespace, 
     t_plain = statistics.median(timed(lambda: replay(engine, prompt_ids, streams), dev)[0] for _ in range(args.repeats))
     generated = sum(r.n_generated for r in results)
     inserted = sum(r.n_inserted for r in results)
-    searches = engine.stats["searches"] / args.repeats
-    w_bytes = weight_bytes(m)
+    searches, queries = engine.stats["searches"] / args.repeats, engine.stats["queries"] / args.repeats
+    w_bytes = m.weight_bytes()
     context = statistics.mean(len(p) + len(s) / 2 for p, s in zip(prompt_ids, streams, strict=True))
-    return {"part": "throughput", "engine": name, "batch": batch, "prompt_tokens": statistics.mean(map(len, prompt_ids)),
-            "new_tokens": args.new_tokens, "retrievals_per_row": statistics.mean(len(r.retrievals) for r in results),
-            "searches": searches, "onegen_s": t_onegen, "plain_s": t_plain, "overhead": t_onegen / t_plain - 1,
+    return {"part": "throughput", "engine": name, "batch": batch, "search_wait": engine.search_wait,
+            "prompt_tokens": statistics.mean(map(len, prompt_ids)), "new_tokens": args.new_tokens,
+            "retrievals_per_row": statistics.mean(len(r.retrievals) for r in results), "searches": searches,
+            "queries_per_search": queries / max(searches, 1), "onegen_s": t_onegen, "plain_s": t_plain,
+            "overhead": t_onegen / t_plain - 1,
             "tok_s": generated / t_onegen, "processed_tok_s": (generated + inserted) / t_onegen,
             "plain_tok_s": generated / t_plain,
             "ceiling_tok_s": batch * bandwidth / w_bytes,  # weights read once per step (the issue's ceiling)
-            "ceiling_kv_tok_s": batch * bandwidth / (w_bytes + batch * context * kv_bytes_per_token(m)),
+            "ceiling_kv_tok_s": batch * bandwidth / (w_bytes + batch * context * m.kv_bytes_per_token()),
             "search_ms": search_ms, "search_share": searches * search_ms / 1000 / t_onegen}
 
 
