@@ -273,3 +273,19 @@ def test_flat_on_cuda_matches_cpu(data, dtype):
     got = gpu.search_tensor(queries.cuda(), 10)[1]
     assert got.device.type == "cpu"
     assert recall(got, want) >= (1.0 if dtype == torch.float32 else 0.95)
+
+
+def test_scan_bytes_is_what_a_search_reads(data):
+    """The engine's cost model: exact scans read every row (int8 a quarter of fp32 plus the scales), IVF
+    the probed share, HNSW a bounded walk; an empty index reads nothing."""
+    pytest.importorskip("faiss")
+    vectors, ids, _ = data
+    full = 500 * 32 * 4
+    assert Index.from_vectors(vectors, ids, "fp").scan_bytes == full
+    assert Index.from_vectors(vectors, ids, "fp", backend="faiss-flat").scan_bytes == full
+    assert Index.from_vectors(vectors, ids, "fp", backend="flat-int8").scan_bytes == 500 * 32 + 500 * 4
+    ivf = Index.from_vectors(vectors, ids, "fp", backend="faiss-ivf", nlist=10, nprobe=2)
+    assert ivf.scan_bytes == full * 2 // 10
+    hnsw = Index.from_vectors(vectors, ids, "fp", backend="faiss-hnsw", M=8, ef_search=16)
+    assert hnsw.scan_bytes == 8 * 16 * 32 * 4 < full
+    assert FlatBackend().scan_bytes == 0
