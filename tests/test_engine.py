@@ -21,10 +21,11 @@ QUESTIONS = ["Who founded Velmora?", "Where was Ilsa Brandt born, and in which r
              "Which town is Orla Venn from?", "When was Brandt Works founded by Kerrin Brandt?"]
 
 
-def _model(seed: int, arch: str = "llama") -> OneGenModel:
+def _model(seed: int, arch: str = "llama", **extra) -> OneGenModel:
     torch.manual_seed(seed)
     texts = [d.text for d in DOCS] + QUESTIONS
-    cfg = ModelConfig(scratch=ScratchConfig(architecture=arch, hidden_size=64, num_layers=2, num_heads=4))
+    cfg = ModelConfig(scratch=ScratchConfig(architecture=arch, hidden_size=64, num_layers=2, num_heads=4,
+                                            extra=extra))
     tok = TokenizerConfig(train=TokenizerTrainConfig(vocab_size=300, min_frequency=1))
     return OneGenModel.from_config(cfg, tok, TokensConfig(), texts).eval()
 
@@ -375,3 +376,68 @@ def test_callback_rows_count_across_batches(model, index, corpus):
     events = []
     Engine(model, index, corpus=corpus).generate(QUESTIONS, callback=events.append, batch_size=2, **GEN)
     assert {e["row"] for e in events if e["type"] == "retrieval"} == {0, 1, 2, 3}
+
+
+SLIDING = {  # (architecture, config): every layer windowed, or sliding and full layers alternating
+    "mistral": ("mistral", {"sliding_window": 6}),
+    "phi3": ("phi3", {"sliding_window": 6}),
+    "gemma2": ("gemma2", {"sliding_window": 6, "head_dim": 16}),
+    "qwen2": ("qwen2", {"sliding_window": 6, "use_sliding_window": True, "max_window_layers": 1}),
+}
+
+
+@pytest.mark.parametrize("name", list(SLIDING))
+@pytest.mark.parametrize("compact", [False, True])
+def test_sliding_window_models_cached_equals_recompute(corpus, monkeypatch, name, compact):
+    """A window of 6 tokens, rows inserting paragraphs at different steps (holes in the shared cache):
+    cached steps give the recomputed tokens, documents and query vectors, batched equals one by one,
+    with compaction and split steps or without. The window matters (same weights, no window: other
+    tokens)."""
+    import onegen.engine
+
+    arch, extra = SLIDING[name]
+    if compact:
+        monkeypatch.setattr(onegen.engine, "COMPACT_SLACK", 0)
+        monkeypatch.setattr(onegen.engine, "COMPACT_RATIO", 0.0)
+        monkeypatch.setattr(onegen.engine, "SPLIT_MIN", 0)
+    model = _model(0, arch, **extra)
+    assert onegen.engine.own_masks(model) not in (None, onegen.engine.UNSUPPORTED)
+    index = Index.build(model, corpus, progress=False)
+    kw = {**GEN, "max_new_tokens": [30, 9, 22, 16], "keep_vectors": True}
+    steppers = []
+    engine = Engine(model, index, corpus=corpus, fast=False)
+    new_stepper = engine.new_stepper
+    engine.new_stepper = lambda *a: steppers.append(new_stepper(*a)) or steppers[-1]
+    a = engine.generate(QUESTIONS, **kw)
+    assert isinstance(steppers[0], onegen.engine._CachedStepper)
+    assert (steppers[0].compactions > 0 and steppers[0].splits > 0) is compact
+    b = Engine(model, index, corpus=corpus, use_cache=False).generate(QUESTIONS, **kw)
+    _same_results(b, a)
+    for ra, rb in zip(a, b, strict=True):
+        for ea, eb in zip(ra.retrievals, rb.retrievals, strict=True):
+            torch.testing.assert_close(ea.query_vec, eb.query_vec, atol=1e-5, rtol=1e-4)
+    single = [engine.generate([q], **{**kw, "max_new_tokens": n})[0]
+              for q, n in zip(QUESTIONS, kw["max_new_tokens"], strict=True)]
+    _same_results(single, a)
+    wide = _model(0, arch, **{**extra, "sliding_window": 4096})  # the same weights
+    assert torch.equal(wide.hf_model.get_input_embeddings().weight, model.hf_model.get_input_embeddings().weight)
+    full = Engine(wide, Index.build(wide, corpus, progress=False), corpus=corpus).generate(QUESTIONS, **kw)
+    assert [r.token_ids for r in full] != [r.token_ids for r in a]
+
+
+def test_sliding_window_model_without_usable_masks_recomputes(corpus, monkeypatch, caplog):
+    """A sliding-window model that takes no 4-D mask (or fails the check) is decoded by recomputation:
+    slow, still exact; a warning says so."""
+    import onegen.engine
+
+    model = _model(0, "mistral", sliding_window=6)
+    index = Index.build(model, corpus, progress=False)
+    ref = Engine(model, index, corpus=corpus).generate(QUESTIONS, **GEN)
+    del model._engine_masks
+    monkeypatch.setattr(onegen.engine, "_masks_hold", lambda *a: False)
+    with caplog.at_level("WARNING"):
+        engine = Engine(model, index, corpus=corpus)
+        assert isinstance(engine.new_stepper(2, 64), onegen.engine._RecomputeStepper)
+        _same_results(ref, engine.generate(QUESTIONS, **GEN))
+    assert "recomputes" in caplog.text
+    assert onegen.engine.own_masks(_model(0)) is None  # no window: the model's own masks

@@ -24,6 +24,7 @@ slot cache, CUDA graphs) replaces it with the same interface and gives the same 
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,10 @@ import torch
 from .data import Message
 from .fastpath import FastDecoder, fast_decoder
 from .model import OneGenModel
+from .packing import as_mask, sliding_window
 from .tasks import extract_answer
+
+log = logging.getLogger(__name__)
 
 MODES = ("onegen", "pipeline", "reencode")
 
@@ -289,7 +293,10 @@ class Engine:
         histories)` processes each row's new tokens (`histories`, each row's whole sequence, are needed only
         by a stepper with `needs_history`) and returns last-position hidden (B, D), logits (B, V)."""
         stepper = self._fast.stepper(n_rows, max_len) if self._fast is not None else None
-        return stepper or (_CachedStepper if self.use_cache else _RecomputeStepper)(self.model, n_rows)
+        if stepper is None and self.use_cache:
+            masks = own_masks(self.model)
+            stepper = _CachedStepper(self.model, n_rows, masks) if masks != UNSUPPORTED else None
+        return stepper or _RecomputeStepper(self.model, n_rows)
 
     def _maybe_finish(self, r: _Row, tok: int, max_new_tokens: int, stop: list[str]) -> None:
         m = self.model
@@ -450,11 +457,20 @@ class _CachedStepper:
     Positions are explicit and holes were masked, so the outputs do not change. Done only for plain
     dynamic caches (full attention, keys/values (B, H, T, d)); others keep their holes. Steps that mix
     paragraphs with one-token rows are split (`step`).
+
+    Sliding-window models: the model's own masks count the window in cache columns, holes included,
+    and its sliding cache layers keep the last window's columns: holes would push real tokens out. So
+    for them (`masks` from `own_masks`) the cache is plain dynamic layers (nothing dropped; compaction
+    and splits apply) and every forward gets a 4-D mask made here from the tokens' positions: causal,
+    holes masked, each sliding layer type within its window.
     """
 
-    def __init__(self, model: OneGenModel, n_rows: int):
+    def __init__(self, model: OneGenModel, n_rows: int, masks: tuple[str, Any] | None = None):
+        from transformers.cache_utils import DynamicCache
+
         self.model = model
-        self.cache = None
+        self.masks = masks
+        self.cache = DynamicCache() if masks is not None else None
         self.mask = torch.zeros((n_rows, 0), dtype=torch.long, device=model.device)
         self.lengths = torch.zeros(n_rows, dtype=torch.long, device=model.device)  # real tokens so far
         self.compactions = 0
@@ -498,7 +514,7 @@ class _CachedStepper:
         positions = (self.lengths[:, None] + new_mask.cumsum(1) - 1).clamp(min=0)  # (B, S)
         self.mask = torch.cat([self.mask, new_mask], dim=1)
         last = _last_column(len(feeds), ids.shape[1], ids.device)
-        hidden, logits, self.cache = self.model.run(ids, self.mask, position_ids=positions,
+        hidden, logits, self.cache = self.model.run(ids, self._attention(self.mask, positions), position_ids=positions,
                                                     past_key_values=self.cache, use_cache=True, logits_at=last)
         self.lengths = self.lengths + new_mask.sum(1)
         self._maybe_compact()
@@ -519,8 +535,8 @@ class _CachedStepper:
         positions = (self.lengths[index, None] + new_mask.cumsum(1) - 1).clamp(min=0)
         mask = torch.cat([self.mask.index_select(0, index), new_mask], dim=1)
         last = _last_column(len(rows), ids.shape[1], ids.device)
-        hidden, logits, sub = self.model.run(ids, mask, position_ids=positions, past_key_values=sub, use_cache=True,
-                                             logits_at=last)
+        hidden, logits, sub = self.model.run(ids, self._attention(mask, positions), position_ids=positions,
+                                             past_key_values=sub, use_cache=True, logits_at=last)
         sub_layers = _dense_layers(sub, mask.shape[1])
         if sub_layers is None:  # the model handed back another kind of cache: feed these rows the plain way
             feed_all = [[] for _ in range(self.mask.shape[0])]
@@ -541,6 +557,25 @@ class _CachedStepper:
         self.splits += 1
         self._maybe_compact()
         return hidden[:, -1], logits
+
+    def _attention(self, mask: torch.Tensor, positions: torch.Tensor) -> Any:
+        """The attention mask of a forward: the (R, T) mask of real columns, or under `masks` 4-D ones
+        (R, 1, S, T) from positions: a query sees the real columns at or before its position (within the
+        window on sliding layers) and its own column (a hole then attends to something: no NaN)."""
+        if self.masks is None:
+            return mask
+        kind, windows = self.masks
+        n, width = positions.shape[1], mask.shape[1]
+        q = positions[:, :, None]  # (R, S, 1)
+        k = (mask.cumsum(1) - 1)[:, None, :]  # (R, 1, T): each real column's position
+        seen = mask.bool()[:, None, :] & (k <= q)
+        own = torch.zeros((n, width), dtype=torch.bool, device=mask.device)
+        own[torch.arange(n), torch.arange(width - n, width)] = True
+
+        def made(window: int | None) -> torch.Tensor:
+            return as_mask((seen & (q - k < window) if window else seen) | own, kind, self.model.dtype)
+
+        return {t: made(w) for t, w in windows.items()} if isinstance(windows, dict) else made(windows)
 
     def _maybe_compact(self) -> None:
         width, longest = self.mask.shape[1], int(self.lengths.max())
@@ -576,6 +611,57 @@ def _dense_layers(cache: Any, width: int) -> list[Any] | None:
                 or keys.shape[2] != width or not isinstance(values, torch.Tensor) or values.shape[:3] != keys.shape[:3]:
             return None
     return layers
+
+
+UNSUPPORTED = "unsupported"
+
+
+def own_masks(model: OneGenModel) -> tuple[str, Any] | str | None:
+    """How `_CachedStepper` masks `model` (found once, kept on the model): None when the model's own
+    masks are right (no sliding window in use); (mask kind, windows) when the stepper makes them, windows
+    being one window for every layer or {layer type: window or None} for configs that declare
+    `layer_types`; `UNSUPPORTED` when the model takes no such masks, declares other layer types, or does
+    not reproduce recomputation under them (`_masks_hold`): the engine then recomputes (slow, exact)."""
+    if hasattr(model, "_engine_masks"):
+        return model._engine_masks
+    cfg = model.hf_model.config
+    window = sliding_window(cfg)
+    types = set(getattr(cfg, "layer_types", None) or [])
+    result: tuple[str, Any] | str | None = None
+    if window is not None and (not types or "sliding_attention" in types):
+        kind = model.packing_mask_kind()
+        windows: Any = {t: window if t == "sliding_attention" else None for t in types} if types else window
+        if kind not in ("bool", "additive") or not types <= {"full_attention", "sliding_attention"}:
+            result = UNSUPPORTED
+        else:
+            result = (kind, windows) if _masks_hold(model, (kind, windows)) else UNSUPPORTED
+        if result == UNSUPPORTED:
+            log.warning("generic decoding recomputes every step (slow): cached steps with rows at different "
+                        "phases are not exact for this sliding-window model")
+    model._engine_masks = result
+    return result
+
+
+@torch.no_grad()
+def _masks_hold(model: OneGenModel, masks: tuple[str, Any]) -> bool:
+    """Whether cached steps with holes under `masks` give the recomputed hidden states."""
+    vocab = model.hf_model.get_input_embeddings().weight.shape[0]
+    feeds = [[[3, 5, 7, 9, 11], [4, 6]], [[13], []], [[15], [8, 10, 12]], [[17], [14]]]
+    feeds = [[[t % vocab for t in f] for f in step] for step in feeds]
+    was_training = model.training
+    model.eval()
+    try:
+        cached, history = _CachedStepper(model, 2, masks), [[], []]
+        for step in feeds:
+            hidden, _ = cached.step(step, [])
+            history = [h + f for h, f in zip(history, step, strict=True)]
+        ref, _ = _RecomputeStepper(model, 2).step([[], []], history)
+        tol = 1e-3 if model.dtype == torch.float32 else 5e-2  # a wrong mask is off by far more
+        return torch.allclose(hidden.float(), ref.float(), atol=tol, rtol=tol)
+    except (RuntimeError, ValueError, TypeError, KeyError):
+        return False
+    finally:
+        model.train(was_training)
 
 
 class _RecomputeStepper:

@@ -83,12 +83,17 @@ def block_mask(segment_ids: torch.Tensor, kind: str, dtype: torch.dtype) -> torc
         return None
     width = segment_ids.shape[1]
     causal = torch.ones((width, width), dtype=torch.bool, device=segment_ids.device).tril()
-    allowed = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal  # (R, W, W)
+    return as_mask((segment_ids[:, :, None] == segment_ids[:, None, :]) & causal, kind, dtype)  # (R, W, W)
+
+
+def as_mask(allowed: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """(R, Q, K) booleans (True: query may see key) as the (R, 1, Q, K) mask a model takes: "bool" as
+    they are, "additive" 0.0 / the dtype's minimum (what eager attention adds to its scores)."""
     if kind == "bool":
         return allowed[:, None]
     if kind != "additive":
-        raise ValueError(f"mask kind must be one of {MASK_KINDS}")
-    out = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
+        raise ValueError(f"mask kind must be 'bool' or 'additive', got {kind!r}")
+    out = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     return out.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
