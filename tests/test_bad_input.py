@@ -79,6 +79,8 @@ def _argv(cmd: str, file: Path, env: dict[str, Path], tmp: Path) -> list[str]:
         return ["eval", "--task", "qa", "--gold", str(file), "--pred", str(OK / "pred_qa.jsonl")]
     if cmd == "eval-el-gold":
         return ["eval", "--task", "el", "--gold", str(file), "--pred", str(OK / "el.jsonl")]
+    if cmd == "eval-el-pred":
+        return ["eval", "--task", "el", "--gold", str(OK / "el.jsonl"), "--pred", str(file)]
     if cmd == "eval-pred":
         return ["eval", "--task", "qa", "--gold", str(OK / "qa.jsonl"), "--pred", str(file)]
     if cmd == "show":
@@ -154,6 +156,12 @@ CASES = [
     Case("generate", "qa_duplicate_id.jsonl", 2, "id", "duplicate id 'e1'"),
     Case("eval-gold", "qa_duplicate_id.jsonl", 2, "id", "duplicate id 'e1'"),
     Case("eval-pred", "pred_duplicate_id.jsonl", 2, "id", "duplicate id 'e1'"),
+    # paragraph markers out of order (as many opens as closes), overlapping or out-of-text spans
+    Case("train", "train_paragraph_order.jsonl", 2, "messages[1].content", "unbalanced"),
+    Case("show", "train_paragraph_order.jsonl", 2, "messages[1].content", "unbalanced"),
+    Case("eval-el-gold", "el_overlap.jsonl", 2, "entities", "overlap"),
+    Case("generate-el", "el_overlap.jsonl", 2, "entities", "overlap"),
+    Case("eval-el-pred", "pred_el_out_of_range.jsonl", 2, "entities[0]", "ends past the gold text"),
     # truncation that would cut a query token, with data.on_truncation: error
     Case("train-truncation", "train_truncation.jsonl", 2, None, "data.max_length"),
 ]
@@ -460,3 +468,32 @@ def test_directory_replace_with_and_without_exchange(tmp_path, monkeypatch, exch
             tmp.mkdir()
             (tmp / "f").write_text(version)
     assert (target / "f").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["d"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["generate", "--top-k", "0"], "argument --top-k: must be >= 1, got 0"),
+    (["generate", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["generate", "--max-new-tokens", "-1"], "argument --max-new-tokens: must be >= 1, got -1"),
+    (["generate", "--max-retrievals", "x"], "argument --max-retrievals: expected an integer, got 'x'"),
+    (["index", "--batch-size", "0"], "argument --batch-size: must be >= 1"),
+    (["data", "show", "f.jsonl", "-n", "0"], "argument -n: must be >= 1"),
+    (["eval", "--task", "qa", "--gold", "g", "--pred", "p", "--k", "0"], "argument --k: must be >= 1"),
+])
+def test_bad_numbers_are_refused_before_any_work(argv, needle, capsys):
+    required = {"generate": ["--model", "m", "--index", "i", "--input", "f", "--out", "o"],
+                "index": ["--model", "m", "--corpus", "c", "--out", "o"]}.get(argv[0], [])
+    with pytest.raises(SystemExit) as e:
+        main(argv + required)
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_generate_refuses_to_overwrite_its_input(env, tmp_path, capsys):
+    same = tmp_path / "items.jsonl"
+    shutil.copy(OK / "qa.jsonl", same)
+    before = same.read_bytes()
+    argv = ["generate", "--model", str(env["model"]), "--index", str(env["index"]), "--input", str(same),
+            "--out", str(tmp_path / "." / "items.jsonl")]
+    assert main(argv) == 2
+    _assert_one_line(capsys.readouterr().err, "generate", str(tmp_path / "." / "items.jsonl"), None,
+                     "would overwrite the input")
+    assert same.read_bytes() == before

@@ -50,7 +50,7 @@ def _by_title(corpus) -> dict[str, str]:
 def test_hotpotqa_paragraphs_read_back_with_gold_hops_in_order(tmp_path):
     info = convert("hotpotqa", HOTPOT, tmp_path, progress=False)
     assert info["counts"] == {"train": 2, "eval": 2, "corpus": 7}
-    assert info["skipped"] == {"supporting facts not in the context": 1, "no answer or supporting facts": 1}
+    assert info["skipped"] == {"single supporting facts (not records) naming a title or sentence not in the context": 1, "no answer or supporting facts": 1}
     corpus, samples, items = _read_back(tmp_path)
     ids = _by_title(corpus)
     # every context paragraph once, the shared ones ("Caldris", "Velmora Press") deduplicated
@@ -294,3 +294,11 @@ def test_bad_arguments_raise():
         convert("hotpotqa", HOTPOT, "unused", entities="x.jsonl")
     with pytest.raises(OneGenError, match="file not found"):
         convert("hotpotqa", DATA / "missing.json", "unused")
+
+
+def test_selfrag_reflection_tokens_between_words_leave_a_space():
+    from onegen.convert.selfrag import _strip_reflection
+
+    text = "[Relevant]The tower is in Paris.[Fully supported][Continue to Use Evidence]It was built.[Utility:5]"
+    assert _strip_reflection(text) == "The tower is in Paris. It was built."
+    assert _strip_reflection("a [No Retrieval]b") == "a b"  # a space already there: not doubled

@@ -441,3 +441,11 @@ def test_sliding_window_model_without_usable_masks_recomputes(corpus, monkeypatc
         _same_results(ref, engine.generate(QUESTIONS, **GEN))
     assert "recomputes" in caplog.text
     assert onegen.engine.own_masks(_model(0)) is None  # no window: the model's own masks
+
+
+@pytest.mark.parametrize("kw", [{"top_k": 0}, {"max_new_tokens": 0}, {"max_new_tokens": [5, 0, 5, 5]},
+                                {"max_new_tokens": [5, 5]}, {"max_retrievals": -1}, {"batch_size": 0},
+                                {"top_k": True}])
+def test_bad_generate_arguments_are_refused(model, index, corpus, kw):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        Engine(model, index, corpus=corpus).generate(QUESTIONS, **{**GEN, **kw})

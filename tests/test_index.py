@@ -289,3 +289,14 @@ def test_scan_bytes_is_what_a_search_reads(data):
     hnsw = Index.from_vectors(vectors, ids, "fp", backend="faiss-hnsw", M=8, ef_search=16)
     assert hnsw.scan_bytes == 8 * 16 * 32 * 4 < full
     assert FlatBackend().scan_bytes == 0
+
+
+def test_build_takes_a_list_of_documents_or_dicts(model, corpus):
+    as_list = Index.build(model, [{"id": d.id, "text": d.text, "title": d.title} for d in corpus.docs], progress=False)
+    ref = Index.build(model, corpus, progress=False)
+    assert as_list.ids == ref.ids and torch.equal(as_list.vectors, ref.vectors)
+    assert Index.build(model, list(corpus.docs), progress=False).ids == ref.ids
+    for bad, needle in ((["a text"], "item 0 is str"), ("a text", "got str"),
+                        ([{"id": "a", "text": "x"}, {"id": "a", "text": "y"}], "duplicate document id 'a'")):
+        with pytest.raises(OneGenError, match=needle):
+            Index.build(model, bad, progress=False)

@@ -3,6 +3,7 @@ LoRA), query vectors equal a plain forward, fingerprints, and an encoder checkpo
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 
@@ -190,6 +191,26 @@ def test_fingerprint_stable_and_distinct(tiny_model, tiny_model_dir, fresh_model
     with torch.no_grad():
         next(p for n, p in fresh_model.named_parameters() if "layers.1" in n).add_(0.01)
     assert fresh_model.fingerprint() != fp
+
+
+def test_fingerprint_sees_the_special_token_rows(fresh_model):
+    """A change to the [RD] embedding row alone moves every document vector; with a vocabulary much
+    larger than the strided sample (4096 rows here) only the whole special-token rows (version 2) see
+    it. An index of the version-1 kind is still accepted by its model."""
+    from onegen.errors import OneGenError
+    from onegen.index import Index
+
+    model = copy.deepcopy(fresh_model)
+    model.hf_model.resize_token_embeddings(4096)
+    before, before_v1 = model.fingerprint(), model.fingerprint(version=1)
+    assert before.startswith("v2-") and len(before_v1) == 16
+    legacy = Index.from_vectors(torch.randn(2, model.hidden_size), ["a", "b"], before_v1)
+    legacy.check_model(model)
+    with torch.no_grad():
+        model.hf_model.get_input_embeddings().weight[model.ids.doc] += 0.5
+    assert model.fingerprint() != before
+    with pytest.raises(OneGenError, match="built by model"):
+        Index.from_vectors(torch.randn(2, model.hidden_size), ["a", "b"], before).check_model(model)
 
 
 # -- any checkpoint ------------------------------------------------------------------------------

@@ -13,6 +13,23 @@ import sys
 from .errors import OneGenError
 
 
+def _at_least(low: int):
+    """An argparse type: an int >= `low` (so a bad value is refused before any work starts)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = _at_least(1), _at_least(0)
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a OneGen model from a YAML config (dotted overrides allowed)",
                        description="onegen train --config FILE.yaml [--section.key value ...]")
@@ -29,12 +46,12 @@ def _add_data(sub) -> None:
     s.add_argument("--task", choices=["qa", "multihop", "el"], required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--size", type=int, default=200, help="number of entities in the world")
+    s.add_argument("--size", type=POSITIVE, default=200, help="number of entities in the world")
     s = dsub.add_parser("show", help="print samples with their token roles marked")
     s.add_argument("file")
     s.add_argument("--config", help="a training config (tokenizer, tokens, corpus, task)")
     s.add_argument("--model", help="a model directory whose tokenizer to use")
-    s.add_argument("-n", type=int, default=1, help="how many samples")
+    s.add_argument("-n", type=POSITIVE, default=1, help="how many samples")
     s.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     s = dsub.add_parser("convert", help="convert a public dataset into the native formats")
     s.add_argument("--from", dest="source", choices=["hotpotqa", "2wiki", "selfrag", "aida"], required=True)
@@ -53,8 +70,8 @@ def _add_index(sub) -> None:
     p.add_argument("--corpus", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--backend", choices=["flat", "flat-int8", "faiss-flat", "faiss-hnsw", "faiss-ivf"], default="flat")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=None,
+    p.add_argument("--batch-size", type=POSITIVE, default=32)
+    p.add_argument("--max-tokens", type=POSITIVE, default=None,
                    help="batch by a budget of padded tokens (rows x longest) instead of --batch-size documents")
     p.add_argument("--device", default=None)
 
@@ -68,10 +85,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--task", choices=["qa", "el"], default="qa")
     p.add_argument("--mode", choices=["onegen", "pipeline", "reencode"], default="onegen")
     p.add_argument("--retriever", help="pipeline mode: the separate embedder (a model dir)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--max-retrievals", type=int, default=4)
+    p.add_argument("--batch-size", type=POSITIVE, default=8)
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=64)
+    p.add_argument("--top-k", type=POSITIVE, default=5)
+    p.add_argument("--max-retrievals", type=NON_NEGATIVE, default=4)
     p.add_argument("--device", default=None)
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
                    help="the fast decode path (static cache, CUDA graphs): --fast requires it, --no-fast turns "
@@ -83,7 +100,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--task", choices=["qa", "el"], required=True)
     p.add_argument("--gold", required=True)
     p.add_argument("--pred", required=True)
-    p.add_argument("--k", type=int, default=None)
+    p.add_argument("--k", type=POSITIVE, default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -57,8 +57,12 @@ def _data_show(args: argparse.Namespace) -> int:
     if "entities" in first and "text" in first and "messages" not in first:
         samples = [el_to_sample(i, tokens) for i in read_el_items(args.file, corpus)]
     else:
-        samples = read_samples(args.file, tokens.query, corpus, require_corpus=False)
+        samples = read_samples(args.file, tokens.query, corpus, close_token=tokens.close, open_token=tokens.open,
+                               require_corpus=False)  # the checks training makes
     if args.model:
+        from .model import check_onegen_dir
+
+        check_onegen_dir(args.model)
         model = OneGenModel.from_pretrained(args.model)
         tokenizer, renderer = model.tokenizer, model.renderer
     else:

@@ -165,12 +165,38 @@ def _messages(row: _Row) -> tuple[Message, ...]:
         if not isinstance(m, dict):
             raise row.error("expected an object with 'role' and 'content'", key)
         role, content = m.get("role"), m.get("content")
+        for name in ("role", "content"):
+            if name not in m:
+                raise row.error(f"missing required field '{name}'", f"{key}.{name}")
         if role not in ROLES:
             raise row.error(f"role must be one of {', '.join(ROLES)}, got {role!r}", f"{key}.role")
         if not isinstance(content, str):
             raise row.error("expected a string", f"{key}.content")
         out.append(Message(role, content))
     return tuple(out)
+
+
+def as_corpus(docs: Any) -> Corpus:
+    """`docs` as a Corpus: a Corpus as it is, or a list of `Document`s or `{"id", "text", "title"?}` dicts
+    (ids unique strings, texts strings); anything else is refused with what is expected."""
+    if isinstance(docs, Corpus):
+        return docs
+    expected = "a Corpus (onegen.data.read_corpus) or a list of Documents or {id, text, title} dicts"
+    if isinstance(docs, (str, bytes, dict)) or not hasattr(docs, "__iter__"):
+        raise OneGenError(f"expected {expected}, got {type(docs).__name__}")
+    out, seen = [], set()
+    for i, d in enumerate(docs):
+        if isinstance(d, dict) and isinstance(d.get("id"), str) and isinstance(d.get("text"), str) \
+                and isinstance(d.get("title", ""), (str, type(None))):
+            d = Document(d["id"], d["text"], d.get("title"))
+        if not isinstance(d, Document):
+            raise OneGenError(f"expected {expected}; item {i} is {type(d).__name__} {str(d)[:40]!r}",
+                              field=f"[{i}]")
+        if d.id in seen:
+            raise OneGenError(f"duplicate document id {d.id!r}; ids must be unique", field=f"[{i}].id")
+        seen.add(d.id)
+        out.append(d)
+    return Corpus(out)
 
 
 # -- readers -------------------------------------------------------------------------------------
@@ -206,8 +232,9 @@ def read_samples(path: str | Path, query_token: str, corpus: Corpus | None = Non
                             "the k-th query token needs retrievals[k]", "retrievals")
         if open_token and close_token:
             for i, m in enumerate(messages):
-                if m.content.count(open_token) != m.content.count(close_token):
-                    raise row.error(f"unbalanced {open_token} / {close_token}", f"messages[{i}].content")
+                if not _paragraphs_balanced(m.content, open_token, close_token):
+                    raise row.error(f"unbalanced {open_token} / {close_token} (each paragraph opens, then "
+                                    "closes, never nested)", f"messages[{i}].content")
         if retrievals and corpus is None and require_corpus:
             raise row.error("sample has retrievals but no corpus was given (set data.corpus)", "retrievals")
         for k, r in enumerate(retrievals if corpus is not None else ()):
@@ -218,6 +245,20 @@ def read_samples(path: str | Path, query_token: str, corpus: Corpus | None = Non
                                         f"retrievals[{k}].{kind}")
         samples.append(Sample(sample_id, messages, retrievals, row.where))
     return samples
+
+
+def _paragraphs_balanced(text: str, open_token: str, close_token: str) -> bool:
+    """Whether the paragraph markers of `text` alternate open, close, open, ... and end closed."""
+    marks = sorted([(i, True) for i in _find_all(text, open_token)] + [(i, False) for i in _find_all(text, close_token)])
+    return len(marks) % 2 == 0 and all(is_open == (k % 2 == 0) for k, (_, is_open) in enumerate(marks))
+
+
+def _find_all(text: str, token: str) -> list[int]:
+    out, i = [], text.find(token)
+    while i >= 0:
+        out.append(i)
+        i = text.find(token, i + len(token))
+    return out
 
 
 def _retrievals(row: _Row) -> tuple[Retrieval, ...]:

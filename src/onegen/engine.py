@@ -145,6 +145,14 @@ class Engine:
         prompt length) and `ignore_eos` keeps rows going: a fixed retrieval schedule for benchmarks
         and tests with untrained weights.
         """
+        limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens]
+        if isinstance(max_new_tokens, list) and len(max_new_tokens) != len(prompts):
+            raise ValueError(f"max_new_tokens: {len(max_new_tokens)} limits for {len(prompts)} prompts")
+        for name, values, low in (("max_new_tokens", limits, 1), ("top_k", [top_k], 1),
+                                  ("max_retrievals", [max_retrievals], 0),
+                                  ("batch_size", [] if batch_size is None else [batch_size], 1)):
+            if any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in values):
+                raise ValueError(f"{name} must be an integer >= {low}, got {values if len(values) > 1 else values[0]!r}")
         batch_size = batch_size or len(prompts) or 1
         results: list[GenerationResult] = []
         for start in range(0, len(prompts), batch_size):

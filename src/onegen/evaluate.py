@@ -51,6 +51,13 @@ def evaluate_files(task: str, gold_path: str | os.PathLike, pred_path: str | os.
     gold = _read_records(gold_path, _check_gold_qa if task == "qa" else _check_gold_el)
     preds = _read_records(pred_path, _check_pred_qa if task == "qa" else _check_pred_el)
     _check_pairing(gold, preds, str(gold_path), str(pred_path))
+    if task == "el":  # predicted spans must lie inside the gold item's text
+        lengths = {obj["id"]: len(obj["text"]) for _, obj in gold}
+        for line, obj in preds:
+            for i, ent in enumerate(obj["entities"]):
+                if ent["end"] > lengths[obj["id"]]:
+                    raise _fail(f"span [{ent['start']}, {ent['end']}) ends past the gold text (length "
+                                f"{lengths[obj['id']]})", str(pred_path), line, f"entities[{i}]")
     items = [obj for _, obj in gold]
     pred_objs = [obj for _, obj in preds]
     if task == "qa":
@@ -153,9 +160,16 @@ def _check_entities(entities: Any, file: str, line: int, text: str | None) -> No
                 raise _fail("expected an integer character offset", file, line, f"{where}.{key}")
         if not isinstance(ent.get("id"), str):
             raise _fail("expected a string document id", file, line, f"{where}.id")
-        if text is not None and not 0 <= ent["start"] < ent["end"] <= len(text):
-            raise _fail(f"span [{ent['start']}, {ent['end']}) is not inside the text (length {len(text)}); "
-                        "need 0 <= start < end <= len(text), end exclusive", file, line, where)
+        limit = len(text) if text is not None else ent["end"]
+        if not 0 <= ent["start"] < ent["end"] <= limit:
+            inside = f"inside the text (length {len(text)})" if text is not None else "a span"
+            raise _fail(f"span [{ent['start']}, {ent['end']}) is not {inside}; need 0 <= start < end"
+                        f"{' <= len(text)' if text is not None else ''}, end exclusive", file, line, where)
+    spans = sorted((e["start"], e["end"], i) for i, e in enumerate(entities))
+    for (s0, e0, i0), (s1, e1, i1) in zip(spans, spans[1:], strict=False):
+        if s1 < e0:
+            raise _fail(f"entity spans overlap: [{s0},{e0}) and [{s1},{e1}) (entities[{i0}], entities[{i1}])",
+                        file, line, "entities")
 
 
 def _check_gold_el(obj: dict[str, Any], file: str, line: int) -> None:

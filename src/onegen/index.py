@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import Corpus, read_corpus
+from .data import Corpus, as_corpus, read_corpus
 from .errors import OneGenError
 from .io import atomic_path, write_jsonl_atomic
 
@@ -287,7 +287,7 @@ class Index:
         self.rank = 0  # the rank that built it in a sharded build (only rank 0 should save)
 
     @classmethod
-    def build(cls, model: Any, corpus: Corpus, backend: str = "flat", batch_size: int = 32,
+    def build(cls, model: Any, corpus: Corpus | Iterable[Any], backend: str = "flat", batch_size: int = 32,
               progress: bool = True, max_tokens: int | None = None, shard: bool = True,
               **backend_options: Any) -> Index:
         """Embed every document of `corpus` with `model` (`OneGenModel`) and index the vectors.
@@ -298,6 +298,7 @@ class Index:
         the vectors are all-gathered in corpus order; `index.rank` tells which rank should save.
         `shard=False` embeds the whole corpus in this process even then.
         """
+        corpus = as_corpus(corpus)
         if not corpus.docs:
             raise OneGenError("the corpus is empty: nothing to index", file=corpus.source or None)
         make_backend(backend, **backend_options)  # bad options fail before the slow embedding
@@ -415,6 +416,8 @@ class Index:
 
 def _check_fingerprint(index_fp: str, model: Any, path: Path | None) -> None:
     model_fp = model.fingerprint()
+    if model_fp != index_fp and model_fp.startswith("v2-") and len(index_fp) == 16:
+        model_fp = model.fingerprint(version=1)  # an index of onegen <= 0.2
     if model_fp != index_fp:
         where = path if path is not None else "(in memory)"
         raise OneGenError(f"index {where} was built by model {index_fp}, not {model_fp}; {_REBUILD}")

@@ -204,8 +204,12 @@ class OneGenModel(nn.Module):
         return out_dir
 
     @torch.no_grad()
-    def fingerprint(self) -> str:
-        """A short hash of the config, the special tokens and a strided sample of every weight."""
+    def fingerprint(self, version: int = 2) -> str:
+        """A short hash of the special tokens, a strided sample of every weight and (version 2, "v2-...")
+        the whole embedding rows of the special tokens, input and output: what retrieval vectors hang on
+        most, and what a strided sample of a large vocabulary misses. Values are rounded to bf16 first, so
+        the hash does not depend on the device or dtype the model runs in. Version 1 (16 hex digits, the
+        indexes of onegen <= 0.2) is still accepted by `Index.check_model`."""
         h = hashlib.sha256()
         h.update(json.dumps(_tokens_dict(self.tokens), sort_keys=True).encode())
         h.update(str(len(self.tokenizer)).encode())
@@ -215,7 +219,14 @@ class OneGenModel(nn.Module):
             sample = flat[::step][:256].to(torch.bfloat16).float().cpu()
             h.update(name.replace("base_model.model.", "").encode())
             h.update(sample.numpy().tobytes())
-        return h.hexdigest()[:16]
+        if version == 1:
+            return h.hexdigest()[:16]
+        rows = torch.tensor(sorted({self.ids.query, self.ids.doc, self.ids.open, self.ids.close}))
+        for table in (self.lm.get_input_embeddings(), self.lm.get_output_embeddings()):
+            weight = getattr(table, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] > int(rows.max()):
+                h.update(weight.detach()[rows.to(weight.device)].to(torch.bfloat16).float().cpu().numpy().tobytes())
+        return "v2-" + h.hexdigest()[:16]
 
     # -- forward --------------------------------------------------------------------------------
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -485,13 +496,18 @@ def build_scratch_lm(cfg: ModelConfig, tokenizer) -> nn.Module:
     known = {k: v for k, v in values.items() if (hasattr(config, k) or k in attribute_map) and settable(k)}
     # built again with the sizes as arguments, so fields a config derives from them when it is made
     # (e.g. one `layer_types` entry per layer) agree with them; setting them afterwards would not
-    config = AutoConfig.for_model(s.architecture, **known)
-    for key, value in known.items():  # configs that ignore an argument still get the attribute
-        if getattr(config, key, None) != value:
-            setattr(config, key, value)
-    if getattr(config, "is_decoder", None) is False:
-        config.is_decoder = True
-    return AutoModelForCausalLM.from_config(config)
+    try:
+        config = AutoConfig.for_model(s.architecture, **known)
+        for key, value in known.items():  # configs that ignore an argument still get the attribute
+            if getattr(config, key, None) != value:
+                setattr(config, key, value)
+        if getattr(config, "is_decoder", None) is False:
+            config.is_decoder = True
+        return AutoModelForCausalLM.from_config(config)
+    except (ValueError, TypeError) as e:  # e.g. a hidden size the heads do not divide
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OneGenError(f"transformers cannot build a '{s.architecture}' model from these sizes: {first}",
+                          field="model.scratch") from None
 
 
 _PROBE = [5, 7, 11, 3, 2, 9]

@@ -70,6 +70,13 @@ def predict_file(model_dir: str, index_dir: str, input_path: str, out_path: str,
     from .model import OneGenModel, check_onegen_dir
     from .retrievers import BM25Retriever, DenseRetriever, load_encoder
 
+    for name, value, low in (("batch_size", batch_size, 1), ("max_new_tokens", max_new_tokens, 1),
+                             ("top_k", top_k, 1), ("max_retrievals", max_retrievals, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise OneGenError(f"{name} must be an integer >= {low}, got {value!r}")
+    if Path(out_path).exists() and Path(input_path).exists() and Path(out_path).samefile(input_path):
+        raise OneGenError("the output would overwrite the input file; write the predictions elsewhere",
+                          file=str(out_path))
     items = read_eval_items(input_path, task)  # 1. inputs first (cheap): a bad file fails before any loading
     check_onegen_dir(model_dir)
     if mode == "pipeline" and not retriever:

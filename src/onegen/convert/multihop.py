@@ -157,7 +157,7 @@ def _gold(rec: Record, context: list[tuple[str, list[str]]], facts: list[tuple[s
     sentences: dict[str, set[int]] = {}
     for title, idx in facts:
         if title not in n_sents or not 0 <= idx < n_sents[title]:
-            out.skipped["supporting facts not in the context"] += 1
+            out.skipped["single supporting facts (not records) naming a title or sentence not in the context"] += 1
             continue
         if title not in sentences:
             titles.append(title)

@@ -143,4 +143,13 @@ def _train_record(rec: Record, rid: str, corpus: CorpusBuilder, tokens: TokensCo
 
 
 def _strip_reflection(text: str) -> str:
-    return REFLECTION.sub("", text)
+    """`text` without reflection tokens; a run of them between two words becomes one space (Self-RAG
+    writes "...in Paris.[Fully supported][Continue to Use Evidence]It was built...")."""
+    def gap(m: re.Match[str]) -> str:
+        inside = 0 < m.start() and m.end() < len(text)
+        return " " if inside and not text[m.start() - 1].isspace() and not text[m.end()].isspace() else ""
+
+    return _REFLECTION_RUN.sub(gap, text)
+
+
+_REFLECTION_RUN = re.compile(f"(?:{REFLECTION.pattern})+")
