@@ -277,7 +277,7 @@ def test_cli_converts_then_show_renders_and_training_runs(tmp_path, capsys):
     assert "train 2, eval 2, corpus 7" in printed and "skipped 1: no answer or supporting facts" in printed
     assert main(["data", "show", str(out / "train.jsonl"), "-n", "2", "--color", "never"]) == 0
     shown = capsys.readouterr().out
-    assert shown.count("«RET|[RQ]»") == 4 and "«GEN|1870" in shown and "«GEN|Tarn Weekly" in shown
+    assert shown.count("«GEN+RET|[RQ]»") == 4 and "«GEN|1870" in shown and "«GEN|Tarn Weekly" in shown
     cfg = {"model": {"scratch": SCRATCH}, "tokenizer": {"train": {"vocab_size": 400}},
            "data": {"train": str(out / "train.jsonl"), "corpus": str(out / "corpus.jsonl"), "max_length": 128},
            "loss": {"negatives": 2},

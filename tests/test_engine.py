@@ -449,3 +449,24 @@ def test_sliding_window_model_without_usable_masks_recomputes(corpus, monkeypatc
 def test_bad_generate_arguments_are_refused(model, index, corpus, kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         Engine(model, index, corpus=corpus).generate(QUESTIONS, **{**GEN, **kw})
+
+
+def test_predictions_respect_max_new_tokens_and_size_entity_linking_by_the_text(model, index, corpus):
+    """--max-new-tokens is a limit for both tasks; by default EL gets twice the text's tokens + 32 (the
+    text is written out again with its mentions marked), QA 64."""
+    from onegen.data import ELItem, QAItem
+    from onegen.predict import default_limits, run_engine
+
+    engine = Engine(model, index, corpus=corpus)
+    el = [ELItem("e1", "Orla Venn spoke in Caldris."), ELItem("e2", "Velmora.")]
+    limits = default_limits(engine, el, "el")
+    assert limits == [2 * len(model.tokenizer(i.text, add_special_tokens=False)["input_ids"]) + 32 for i in el]
+    assert limits[0] > limits[1]
+    qa = [QAItem("q1", (Message("user", QUESTIONS[0]),), ("Ilsa Brandt",))]
+    assert default_limits(engine, qa, "qa") == [64]
+    calls = []
+    generate = engine.generate
+    engine.generate = lambda prompts, **kw: calls.append(kw["max_new_tokens"]) or generate(prompts, **kw)
+    run_engine(engine, el, "el", max_new_tokens=4, progress=False)
+    run_engine(engine, el, "el", progress=False)
+    assert calls == [[4, 4], limits]

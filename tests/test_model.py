@@ -81,6 +81,10 @@ def test_lora_trains_adapters_and_new_token_rows_only(fresh_model, samples, corp
     params = dict(fresh_model.named_parameters())
     assert [n for n in trainable if torch.equal(params[n], before[n])] == []
     assert [n for n in frozen if not torch.equal(params[n], frozen[n])] == []
+    # an untied head: its new-token rows train too (else [RQ] could not be learnt through its own row)
+    base = fresh_model.hf_model
+    assert base.get_output_embeddings().weight is not base.get_input_embeddings().weight
+    assert sum("token_adapter" in n for n in trainable) == 2, sorted(trainable)
 
 
 # -- save / load ---------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ DOC = CONTRACT_DOC["text"]
 
 GOLDEN_BUILTIN = (
     "«CTX|<s>User: Who founded Velmora?\nAssistant:\n»"
-    "«RET|[RQ]»"
+    "«GEN+RET|[RQ]»"
     "«CTX|<paragraph>Velmora was founded by Ilsa Brandt in 1901.</paragraph>»"
     "«GEN|Ilsa Brandt</s>»"
     "«CTX|\n»"
@@ -28,7 +28,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}</s>\n{%
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 GOLDEN_CHAT = (
     "«CTX|<|user|>Who founded Velmora?</s>\n<|assistant|>»"
-    "«RET|[RQ]»"
+    "«GEN+RET|[RQ]»"
     "«CTX|<paragraph>Velmora was founded by Ilsa Brandt in 1901.</paragraph>»"
     "«GEN|Ilsa Brandt</s>»"
     "«CTX|\n»"

@@ -86,7 +86,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--mode", choices=["onegen", "pipeline", "reencode"], default="onegen")
     p.add_argument("--retriever", help="pipeline mode: the separate embedder (a model dir)")
     p.add_argument("--batch-size", type=POSITIVE, default=8)
-    p.add_argument("--max-new-tokens", type=POSITIVE, default=64)
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=None,
+                   help="default: 64 for qa; for el twice the text's tokens + 32 (the text is written out again "
+                        "with its mentions marked)")
     p.add_argument("--top-k", type=POSITIVE, default=5)
     p.add_argument("--max-retrievals", type=NON_NEGATIVE, default=4)
     p.add_argument("--device", default=None)

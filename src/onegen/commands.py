@@ -88,7 +88,7 @@ def _data_show(args: argparse.Namespace) -> int:
         if r is None:
             print(f"# {s.id}: dropped by truncation")
             continue
-        header = f"# {s.id} ({len(r)} tokens, {len(r.ret_positions)} retrieval) — «ROLE|text»: GEN trained, CTX context, RET retrieval vector"
+        header = f"# {s.id} ({len(r)} tokens, {len(r.ret_positions)} retrieval) — «ROLE|text»: GEN trained, CTX context, RET retrieval vector, GEN+RET both (the query token)"
         if color:
             console.print(header, markup=False)
             console.print(show(r, tokenizer, color=True))

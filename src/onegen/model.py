@@ -145,10 +145,23 @@ class OneGenModel(nn.Module):
 
         new_ids = sorted({self.ids.query, self.ids.doc, self.ids.open, self.ids.close, *self.ids.extra})
         cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=lora.target_modules, trainable_token_indices=new_ids,
+                             target_modules=lora.target_modules, trainable_token_indices=self._token_rows(new_ids),
                              task_type="CAUSAL_LM")
         self.lm = get_peft_model(self.lm, cfg)
         self._set_parts()
+
+    def _token_rows(self, new_ids: list[int]) -> list[int] | dict[str, list[int]]:
+        """peft's `trainable_token_indices`: the new tokens' rows of the input embedding, and of the
+        output embedding when it is a separate matrix (untied head): else the model could not learn to
+        emit `[RQ]` through its own row of the head."""
+        lm = self.lm
+        names = {id(m): n for n, m in lm.named_modules()}
+        inp, out = lm.get_input_embeddings(), lm.get_output_embeddings()
+        w_in, w_out = getattr(inp, "weight", None), getattr(out, "weight", None)
+        if not isinstance(w_out, torch.Tensor) or w_out is w_in or id(inp) not in names or id(out) not in names \
+                or w_out.data_ptr() == getattr(w_in, "data_ptr", lambda: None)() or w_out.dim() != 2:
+            return new_ids
+        return {names[id(inp)]: new_ids, names[id(out)]: new_ids}
 
     @property
     def is_lora(self) -> bool:

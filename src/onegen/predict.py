@@ -32,18 +32,32 @@ def prediction_record(item: QAItem | ELItem, result: GenerationResult, task: str
     return rec
 
 
-def run_engine(engine: Engine, items: list, task: str, batch_size: int = 8, max_new_tokens: int = 64,
+def default_limits(engine: Engine, items: list, task: str) -> list[int]:
+    """New tokens per item when none is given: 64 for QA; for EL (the text is written out again with its
+    mentions marked and a query token after each) twice the text's tokens + 32."""
+    if task != "el":
+        return [DEFAULT_QA_TOKENS] * len(items)
+    tok = engine.model.tokenizer
+    return [2 * len(tok(i.text, add_special_tokens=False)["input_ids"]) + 32 for i in items]
+
+
+DEFAULT_QA_TOKENS = 64
+
+
+def run_engine(engine: Engine, items: list, task: str, batch_size: int = 8, max_new_tokens: int | None = None,
                top_k: int = 5, max_retrievals: int = 4, progress: bool = True) -> list[dict[str, Any]]:
-    """Generate for every item, in batches, with a progress bar; returns prediction records."""
+    """Generate for every item, in batches, with a progress bar; returns prediction records.
+    `max_new_tokens` None: `default_limits`."""
     from tqdm.auto import tqdm
 
     prompts = prompts_for(items, task)
     records = []
-    limit = max_new_tokens if task != "el" else max(max_new_tokens, 256)
+    limits = default_limits(engine, items, task) if max_new_tokens is None else [max_new_tokens] * len(items)
     for start in tqdm(range(0, len(items), batch_size), desc=f"generating ({engine.mode})", disable=not progress,
                       unit="batch"):
         chunk = items[start:start + batch_size]
-        results = engine.generate(prompts[start:start + batch_size], max_new_tokens=limit, top_k=top_k,
+        results = engine.generate(prompts[start:start + batch_size], max_new_tokens=limits[start:start + batch_size],
+                                  top_k=top_k,
                                   max_retrievals=max_retrievals if task != "el" else 10_000, link=task == "el")
         records += [prediction_record(i, r, task, engine.model.tokens) for i, r in zip(chunk, results, strict=False)]
     return records
@@ -60,7 +74,8 @@ def _engine(*args: Any, **kwargs: Any) -> Engine:
 
 
 def predict_file(model_dir: str, index_dir: str, input_path: str, out_path: str, task: str = "qa",
-                 mode: str = "onegen", retriever: str | None = None, batch_size: int = 8, max_new_tokens: int = 64,
+                 mode: str = "onegen", retriever: str | None = None, batch_size: int = 8,
+                 max_new_tokens: int | None = None,
                  top_k: int = 5, max_retrievals: int = 4, device: str | None = None,
                  fast: bool | None = None) -> dict[str, Any]:
     """`onegen generate`: read items, run the engine, write predictions atomically; returns stats.
@@ -70,7 +85,7 @@ def predict_file(model_dir: str, index_dir: str, input_path: str, out_path: str,
     from .model import OneGenModel, check_onegen_dir
     from .retrievers import BM25Retriever, DenseRetriever, load_encoder
 
-    for name, value, low in (("batch_size", batch_size, 1), ("max_new_tokens", max_new_tokens, 1),
+    for name, value, low in (("batch_size", batch_size, 1), ("max_new_tokens", max_new_tokens or 1, 1),
                              ("top_k", top_k, 1), ("max_retrievals", max_retrievals, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise OneGenError(f"{name} must be an integer >= {low}, got {value!r}")

@@ -252,7 +252,8 @@ class Renderer:
 
 # -- visualiser ----------------------------------------------------------------------------------
 
-_STYLE = {GEN: "bold green", CTX: "dim", RET: "bold magenta reverse"}
+_GEN_RET = f"{GEN}+{RET}"  # a query token: generated (LM loss) and a retrieval vector
+_STYLE = {GEN: "bold green", CTX: "dim", RET: "bold magenta reverse", _GEN_RET: "bold magenta reverse"}
 
 
 def show(rendered: Rendered, tokenizer, color: bool = False) -> str:
@@ -260,6 +261,8 @@ def show(rendered: Rendered, tokenizer, color: bool = False) -> str:
     runs: list[tuple[str, list[int]]] = []
     for tid, role, label in zip(rendered.input_ids, rendered.roles, rendered.lm_labels, strict=True):
         tag = role if role != GEN or label != IGNORE_INDEX else CTX
+        if role == RET and label != IGNORE_INDEX:
+            tag = _GEN_RET
         if runs and runs[-1][0] == tag:
             runs[-1][1].append(tid)
         else:
