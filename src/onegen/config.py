@@ -7,11 +7,13 @@ saying which key and how to fix it. This module imports nothing else of onegen b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_origin, get_type_hints
+from typing import Any, ClassVar, get_origin, get_type_hints
 
 import yaml
 
@@ -31,6 +33,13 @@ class ScratchConfig:
     max_position_embeddings: int = 2048
     extra: dict[str, Any] = field(default_factory=dict)  # passed to the HF config as is
 
+    def __post_init__(self) -> None:
+        for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
+            _at_least(f"model.scratch.{key}", getattr(self, key), 1)
+        if self.hidden_size % self.num_heads and "head_dim" not in self.extra:
+            raise OneGenError(f"must be a multiple of model.scratch.num_heads ({self.num_heads})",
+                              field="model.scratch.hidden_size")
+
 
 @dataclass
 class ModelConfig:
@@ -44,6 +53,10 @@ class ModelConfig:
 class TokenizerTrainConfig:
     vocab_size: int = 4000
     min_frequency: int = 2
+
+    def __post_init__(self) -> None:
+        _at_least("tokenizer.train.vocab_size", self.vocab_size, 1)
+        _at_least("tokenizer.train.min_frequency", self.min_frequency, 1)
 
 
 @dataclass
@@ -93,15 +106,15 @@ class DataConfig:
     format: str = "native"  # native | onegen-original
     task: str = "qa"  # qa | el
     max_length: int = 1024
-    on_truncation: str = "shorten"  # shorten (drop cut retrievals) | drop (the sample) | error
+    on_truncation: str = "error"  # error (when a query token would be cut) | shorten (drop cut retrievals) | drop
     doc_max_length: int = 256
 
     def __post_init__(self) -> None:
         _choice("data.format", self.format, ("native", "onegen-original"))
         _choice("data.task", self.task, ("qa", "el"))
         _choice("data.on_truncation", self.on_truncation, ("shorten", "drop", "error"))
-        if self.max_length < 8:
-            raise OneGenError("must be at least 8", field="data.max_length")
+        _at_least("data.max_length", self.max_length, 8)
+        _at_least("data.doc_max_length", self.doc_max_length, 4)  # [BOS] + text + [RD]
 
 
 @dataclass
@@ -117,12 +130,9 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         _choice("loss.type", self.type, ("infonce", "bpr"))
-        if self.temperature <= 0:
-            raise OneGenError("must be > 0", field="loss.temperature")
-        if self.negatives < 0:
-            raise OneGenError("must be >= 0", field="loss.negatives")
-        if self.query_token_weight < 0:
-            raise OneGenError("must be >= 0", field="loss.query_token_weight")
+        _positive("loss.temperature", self.temperature)
+        _at_least("loss.negatives", self.negatives, 0)
+        _at_least("loss.query_token_weight", self.query_token_weight, 0)
         if self.lm_weight < 0 or self.retrieval_weight < 0 or self.lm_weight + self.retrieval_weight <= 0:
             raise OneGenError("loss.lm_weight and loss.retrieval_weight must be >= 0 and not both 0 "
                               "(0 turns that objective off: generation-only or retrieval-only training)",
@@ -135,6 +145,12 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: Any = "all-linear"  # a list of module names, or "all-linear"
+
+    def __post_init__(self) -> None:
+        _at_least("train.lora.r", self.r, 1)
+        _positive("train.lora.alpha", self.alpha)
+        if not 0 <= self.dropout < 1:
+            raise OneGenError(f"must be >= 0 and < 1, got {self.dropout}", field="train.lora.dropout")
 
 
 @dataclass
@@ -152,8 +168,8 @@ class TrainSection:
     seed: int = 0
     precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | bf16 | fp16 | no
     lora: LoraConfig | None = None
-    save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
-    keep_checkpoints: int = 2
+    save_every: int = 0  # checkpoint every N optimizer steps (0: no checkpoints, the model is saved at the end)
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept (0: all)
     log_every: int = 10
     resume: bool = True  # continue from the last complete checkpoint in output_dir
     progress: bool = True
@@ -162,9 +178,16 @@ class TrainSection:
     def __post_init__(self) -> None:
         _choice("train.schedule", self.schedule, ("cosine", "linear", "constant"))
         _choice("train.precision", self.precision, ("auto", "bf16", "fp16", "no"))
-        if self.batch_size < 1:
-            raise OneGenError("must be >= 1", field="train.batch_size")
-        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
+        for key in ("epochs", "max_steps", "batch_size", "grad_accum", "log_every"):
+            _at_least(f"train.{key}", getattr(self, key), 1)
+        for key in ("warmup_steps", "weight_decay", "max_grad_norm", "save_every", "keep_checkpoints"):
+            _at_least(f"train.{key}", getattr(self, key), 0)
+        _positive("train.lr", self.lr)
+        if not 0 <= self.warmup_ratio <= 1:
+            raise OneGenError(f"must be between 0 and 1, got {self.warmup_ratio}", field="train.warmup_ratio")
+        if not 0 <= self.seed < 2**32:  # what numpy's and torch's seeding accept
+            raise OneGenError(f"must be >= 0 and < 2**32, got {self.seed}", field="train.seed")
+        if self.batch_size % self.grad_accum:
             raise OneGenError(f"must divide train.batch_size ({self.batch_size})", field="train.grad_accum")
 
 
@@ -179,34 +202,38 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainSection = field(default_factory=TrainSection)
     output_dir: str | None = None  # required: the run directory
+    _source: ClassVar[str | None] = None  # the file read (set per instance by from_dict): not a config key
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str | None = None) -> TrainConfig:
+        """Build from nested dicts; errors name `source` (the config file), or the command-line override
+        a bad value came from (`apply_overrides` records which keys it set)."""
         try:
-            return _build(cls, data, prefix="", source=source)
+            config = _build(cls, data, prefix="", source=source)
         except OneGenError as e:
-            if source and e.file is None:
+            from_cli = [k for k in getattr(data, "overridden", ()) if _related(k, e.field)]
+            if from_cli:
+                e = OneGenError(f"{e.message} (set by the command-line override "
+                                f"{', '.join('--' + k for k in from_cli)})", field=e.field)
+            elif source and e.file is None:
                 e = OneGenError(e.message, file=source, field=e.field)
             raise e from None
+        config._source = source
+        return config
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-        """Read a YAML config; relative data/model paths are resolved against the file's folder."""
+        """Read a YAML config. Relative paths written in the file are resolved against the file's folder
+        (data and model paths: when the file is there); those given as `overrides` against the current
+        directory."""
         path = Path(path)
         if not path.is_file():
             raise OneGenError("config file not found", file=str(path))
-        try:
-            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
-        except yaml.YAMLError as e:
-            line = getattr(getattr(e, "problem_mark", None), "line", None)
-            raise OneGenError(f"malformed YAML: {getattr(e, 'problem', e)}", file=str(path),
-                              line=None if line is None else line + 1) from None
-        if not isinstance(data, dict):
-            raise OneGenError("expected a mapping of sections at the top level", file=str(path))
+        data = _read_yaml(path)
+        data = _resolve_paths(data, path.parent)
         if overrides:
             data = apply_overrides(data, overrides)
-        data = _resolve_paths(data, path.parent)
         return cls.from_dict(data, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -219,7 +246,14 @@ class TrainConfig:
         write_text_atomic(path, self.to_yaml())
 
     def validate_for_training(self) -> None:
-        """Check the keys a training run needs (not needed to merely build a config)."""
+        """Check the keys a training run needs (not needed to merely build a config); errors name the
+        config file the config was read from."""
+        try:
+            self._check_required()
+        except OneGenError as e:
+            raise OneGenError(e.message, file=self._source, field=e.field) from None
+
+    def _check_required(self) -> None:
         if not self.output_dir:
             raise OneGenError("required: set output_dir (the run directory)", field="output_dir")
         if not self.data.train:
@@ -237,7 +271,27 @@ class TrainConfig:
 
 class _Loader(yaml.SafeLoader):
     """YAML with YAML 1.2 booleans: only true/false are booleans, so `precision: no` stays the string
-    "no" (YAML 1.1 also reads yes/no/on/off as booleans)."""
+    "no" (YAML 1.1 also reads yes/no/on/off as booleans). A key given twice in one mapping is an error,
+    not a silent replacement of the first (a second `train:` section would drop the first one's keys)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                with contextlib.suppress(TypeError):  # an unhashable key: PyYAML's own error follows
+                    first = seen.setdefault(key, key_node)
+                    if first is not key_node:
+                        raise _DuplicateKey(key_node, first)
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    def __init__(self, key_node: yaml.Node, first: yaml.Node):
+        super().__init__(None, None, f"duplicate key '{key_node.value}' (first at line {first.start_mark.line + 1}): "
+                         "a key may appear once per mapping; merge the two into one", key_node.start_mark)
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -247,9 +301,70 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|Tr
                               list("tTfF"))
 
 
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file; malformed YAML and duplicate keys name file:line."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.load(text, Loader=_Loader) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = None if mark is None else mark.line + 1
+        if isinstance(e, _DuplicateKey):
+            raise OneGenError(e.problem, file=str(path), line=line,
+                              field=_key_path(yaml.compose(text, Loader=_Loader), mark)) from None
+        raise OneGenError(f"malformed YAML: {getattr(e, 'problem', e)}", file=str(path), line=line) from None
+    if not isinstance(data, dict):
+        raise OneGenError("expected a mapping of sections at the top level", file=str(path))
+    return data
+
+
+def _key_path(node: yaml.Node | None, mark: yaml.Mark, prefix: str = "") -> str | None:
+    """The dotted path of the mapping key that starts at `mark` (for errors), None if not found."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            here = f"{prefix}{key_node.value}"
+            if key_node.start_mark.index == mark.index:
+                return here
+            found = _key_path(value_node, mark, f"{here}.")
+            if found:
+                return found
+    return None
+
+
+class _Overridden(dict):
+    """Config data with the dotted keys the command line set (`overridden`), so that path resolution
+    leaves their paths relative to the current directory and errors name the override."""
+
+    overridden: tuple[str, ...] = ()
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `["--a.b", "value", ...]` or `["a.b=value"]` overrides; values are parsed as YAML."""
-    data = dict(data)
+    """Apply `["--a.b", "value", ...]` or `["a.b=value"]` overrides; values are parsed as YAML.
+
+    Relative paths in them stay relative to the current directory (a YAML file's own paths are resolved
+    against its folder); errors about their values name the override."""
+    items = _split_overrides(overrides)
+    out = _Overridden(data)
+    out.overridden = (*getattr(data, "overridden", ()), *(key for key, _ in items))
+    for key, text in items:
+        try:
+            value = yaml.load(text, Loader=_Loader)
+        except yaml.YAMLError as e:
+            raise OneGenError(f"the command-line override --{key} has malformed YAML {text!r}: "
+                              f"{getattr(e, 'problem', None) or e}", field=key) from None
+        parts = key.split(".")
+        node = out
+        for p in parts[:-1]:
+            child = node.get(p)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[p] = child
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _split_overrides(overrides: list[str]) -> list[tuple[str, str]]:
+    """`["--a.b", "v", "c.d=w"]` -> `[("a.b", "v"), ("c.d", "w")]`."""
     items: list[tuple[str, str]] = []
     i = 0
     while i < len(overrides):
@@ -263,36 +378,58 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             i += 2
         else:
             raise OneGenError(f"override '{tok}' has no value (use --section.key VALUE)")
+        if not all(key.split(".")):
+            raise OneGenError(f"override '{tok}' names no config key (use --section.key VALUE)")
         items.append((key, value))
-    for key, value in items:
-        parts = key.split(".")
-        node = data
-        for p in parts[:-1]:
-            child = node.get(p)
-            child = dict(child) if isinstance(child, dict) else {}
-            node[p] = child
-            node = child
-        node[parts[-1]] = yaml.load(value, Loader=_Loader)
-    return data
+    return items
 
 
-_PATH_KEYS = (("data", "train"), ("data", "corpus"), ("data", "eval"), ("model", "name_or_path"),
-              ("tokenizer", "name_or_path"), ("output_dir",))
+def _related(key: str, field_name: str | None) -> bool:
+    """Whether dotted keys `key` and `field_name` are the same or one holds the other."""
+    return field_name is not None and (key == field_name or key.startswith(f"{field_name}.")
+                                       or field_name.startswith(f"{key}."))
+
+
+_PATH_KEYS = ("data.train", "data.corpus", "data.eval", "model.name_or_path", "tokenizer.name_or_path",
+              "output_dir")
+_INPUT_ONLY = ("model.name_or_path", "tokenizer.name_or_path")  # a hub id when no such path exists
 
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Make relative file paths relative to the config file, when that file exists there."""
-    for keys in _PATH_KEYS:
-        node = data
-        for k in keys[:-1]:
-            node = node.get(k) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or not isinstance(node.get(keys[-1]), str):
+    """Resolve relative paths written in a config file against its folder `base`.
+
+    `output_dir` always; input files the folder first (README): kept as given (relative to the current
+    directory) only when they are not in the folder but are there; model and tokenizer paths only when
+    they are in the folder (else they may be hub ids). Keys set by command-line overrides are left as
+    given: relative to the current directory."""
+    overridden = getattr(data, "overridden", ())
+    for dotted in _PATH_KEYS:
+        if any(_related(k, dotted) for k in overridden):
             continue
-        value = Path(node[keys[-1]])
-        if not value.is_absolute() and (keys[-1] == "output_dir" or (base / value).exists()) \
-                and not value.exists():
-            node[keys[-1]] = str(base / value)
+        *parents, leaf = dotted.split(".")
+        node: Any = data
+        for k in parents:
+            node = node.get(k) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or not isinstance(node.get(leaf), str):
+            continue
+        value = Path(node[leaf])
+        if value.is_absolute() or not node[leaf]:
+            continue
+        in_folder = (base / value).exists()
+        if dotted == "output_dir" or in_folder or (dotted not in _INPUT_ONLY and not value.exists()):
+            node[leaf] = str(base / value)
     return data
+
+
+def _at_least(key: str, value: float | None, low: int) -> None:
+    """`value` (None: not set, always fine) must be >= `low`."""
+    if value is not None and value < low:
+        raise OneGenError(f"must be >= {low}, got {value}", field=key)
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise OneGenError(f"must be > 0, got {value}", field=key)
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -331,19 +468,20 @@ def _coerce(hint: Any, value: Any, key: str, source: str | None) -> Any:
             raise OneGenError(f"expected a mapping, got {value!r}", field=key)
         return value
     base = [a for a in args if a is not type(None)] if args else [hint]
-    if int in base and float not in base and not isinstance(value, bool):
-        if isinstance(value, int):
+    if int in base and float not in base:
+        if isinstance(value, int) and not isinstance(value, bool):  # `true` is no integer
             return value
         raise OneGenError(f"expected an integer, got {value!r}", field=key)
     if float in base:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML (YAML 1.1) reads `1e-4` as a string: it needs a dot
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise OneGenError(f"expected a number, got {value!r}", field=key)
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML (YAML 1.1) reads `1e-4` as a string: it needs a dot
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None or not math.isfinite(number):
+            raise OneGenError(f"expected a finite number, got {value!r}", field=key)
+        return number
     if bool in base:
         if isinstance(value, bool):
             return value

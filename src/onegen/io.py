@@ -1,7 +1,8 @@
 """File input/output: JSONL reading with file:line errors, and atomic writes.
 
 Every write goes to a temporary file in the target's directory and is renamed over the target, so an
-interrupted write leaves the previous file (or none) and never half a file. A directory replaces the
+interrupted write leaves the previous file (or none) and never half a file. What is renamed into place
+has the usual permissions (0666/0777 less the umask), whatever the writer's temporary files had. A directory replaces the
 previous one by an atomic exchange (Linux `renameat2`), so even a kill at that moment leaves one whole
 directory; where the exchange is not available, the old one is moved aside first. A write that fails
 (disk full, no permission) is a one-line `OneGenError` naming the target.
@@ -94,6 +95,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise OneGenError(f"cannot write here ({e.strerror or e})", file=str(path)) from None
     try:
         yield tmp
+        normalize_permissions(tmp)
         if path.is_dir() and tmp.is_dir():
             if not _exchange(tmp, path):  # exchanged: tmp now holds the old directory, removed below
                 old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -107,6 +109,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
                           file=str(path)) from None
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def normalize_permissions(path: str | os.PathLike) -> None:
+    """Give `path` (and, for a directory, everything in it) the permissions a plain `open()` or `mkdir`
+    would: 0o666 / 0o777 less the umask. Writers that go through a private temporary file (mkstemp,
+    safetensors) leave 0600, which other users of a shared run directory cannot read."""
+    mask = _umask()
+    path = Path(path)
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for p in paths:
+        if p.is_symlink() or not (p.is_file() or p.is_dir()):
+            continue
+        mode = p.stat().st_mode & 0o7777
+        os.chmod(p, (mode | (0o777 if p.is_dir() else 0o666)) & ~mask)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask can only swap it)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status", encoding="ascii") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -30,7 +30,7 @@ from .collate import Collator, pack_options
 from .config import TrainConfig
 from .data import Corpus, Sample, read_corpus, read_el_items, read_samples
 from .errors import OneGenError
-from .io import write_json_atomic, write_text_atomic
+from .io import normalize_permissions, write_json_atomic, write_text_atomic
 from .losses import Objective
 from .model import OneGenModel
 from .render import Rendered
@@ -85,13 +85,40 @@ def build_model(config: TrainConfig, corpus: Corpus | None, samples: list[Sample
 
 
 def render_all(model: OneGenModel, samples: list[Sample]) -> list[Rendered]:
-    rendered = [_drop_untargeted(r) for r in (model.renderer.render(s) for s in samples) if r is not None]
+    """Render every sample; truncation warns naming the samples it cut (file:line of the first few)."""
     r = model.renderer
-    if r.dropped or r.shortened:
-        log.warning("truncation to %d tokens: %d samples dropped, %d shortened", r.max_length, r.dropped, r.shortened)
+    rendered, cut, dropped, tail = [], [], [], []
+    for sample in samples:
+        shortened = r.shortened
+        out = r.render(sample)
+        if out is None:
+            dropped.append(sample)
+            continue
+        if len(out.retrievals) < len(sample.retrievals):
+            cut.append(sample)
+        elif r.shortened > shortened:
+            tail.append(sample)
+        rendered.append(_drop_untargeted(out))
+    n = r.max_length
+    if cut:
+        log.warning("data.max_length=%d cuts query tokens of %d samples; data.on_truncation shorten dropped "
+                    "their cut retrievals: %s", n, len(cut), _where(cut))
+    if dropped:
+        log.warning("data.max_length=%d would cut query tokens of %d samples; data.on_truncation drop left "
+                    "them out: %s", n, len(dropped), _where(dropped))
+    if tail:
+        log.warning("data.max_length=%d cuts the end of %d samples (no query token cut): %s", n, len(tail),
+                    _where(tail))
     if not rendered:
         raise OneGenError("no training sample is left after truncation; raise data.max_length", field="data.max_length")
     return rendered
+
+
+def _where(samples: list[Sample], first: int = 5) -> str:
+    """`file:line` (or the id) of the first few samples, and how many more."""
+    names = [s.source or f"id {s.id}" for s in samples[:first]]
+    more = f" and {len(samples) - first} more" if len(samples) > first else ""
+    return ", ".join(names) + more
 
 
 def _drop_untargeted(r: Rendered) -> Rendered:
@@ -136,9 +163,52 @@ def _accelerator(precision: str, cpu: bool):
     return Accelerator(mixed_precision=precision, cpu=cpu)
 
 
-def _latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = [p for p in (run_dir / CKPT_DIR).glob("step-*") if (p / STATE_FILE).is_file()]
-    return max(ckpts, key=lambda p: int(p.name.split("-")[1]), default=None)
+def _complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The checkpoints with a state file, oldest first."""
+    ckpts = [p for p in (run_dir / CKPT_DIR).glob("step-*")
+             if p.name[5:].isdigit() and (p / STATE_FILE).is_file()]
+    return sorted(ckpts, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _resume(accelerator, run_dir: Path) -> int:
+    """Load the newest checkpoint that can be read; returns its step (0: none, a fresh start).
+
+    An unreadable one (truncated or corrupt files) is skipped with a warning and moved aside as
+    `unreadable-step-N` (kept, never resumed from again) once an older one has loaded."""
+    bad: list[tuple[Path, str]] = []
+    for ckpt in reversed(_complete_checkpoints(run_dir)):
+        try:
+            step = int(json.loads((ckpt / STATE_FILE).read_text())["step"])
+            accelerator.load_state(str(ckpt))  # torch files are read with weights_only=True
+        except Exception as e:  # whatever a damaged file raises, the checkpoint is unusable
+            if isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower():
+                raise OneGenError("a checkpoint file holds objects other than tensors and is not unpickled; "
+                                  "delete the checkpoint or set train.resume false", file=str(ckpt)) from None
+            reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+            log.warning("checkpoint %s cannot be read (%s); trying the one before it", ckpt, reason)
+            bad.append((ckpt, reason))
+            continue
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for path, _ in bad:
+                _set_aside(path)
+        log.warning("resuming from %s (step %d)", ckpt, step)
+        return step
+    if bad:
+        raise OneGenError(f"no checkpoint can be read ({bad[0][1]}); to start over, delete "
+                          f"{run_dir / CKPT_DIR} or set train.resume false (--train.resume false)",
+                          file=str(bad[0][0]))
+    return 0
+
+
+def _set_aside(ckpt: Path) -> None:
+    """Rename an unreadable checkpoint out of the `step-*` names (kept for inspection)."""
+    target, n = ckpt.with_name(f"unreadable-{ckpt.name}"), 1
+    while target.exists():
+        n += 1
+        target = ckpt.with_name(f"unreadable-{ckpt.name}-{n}")
+    ckpt.rename(target)
+    log.warning("moved the unreadable checkpoint %s to %s", ckpt, target)
 
 
 def _remove_checkpoint(path: Path) -> None:
@@ -212,15 +282,8 @@ def train(config: TrainConfig, progress: bool | None = None) -> Path:
         if config.model.scratch is not None and config.tokenizer.train is not None and not tok_dir.is_dir():
             inner.tokenizer.save_pretrained(str(tok_dir))
     accelerator.wait_for_everyone()
-    ckpt = _latest_checkpoint(run_dir) if tc.resume else None
-    if ckpt is not None:
-        try:
-            accelerator.load_state(str(ckpt))  # torch files are read with weights_only=True
-        except pickle.UnpicklingError:
-            raise OneGenError("a checkpoint file holds objects other than tensors and is not unpickled; "
-                              "delete the checkpoint or set train.resume false", file=str(ckpt)) from None
-        start_step = json.loads((ckpt / STATE_FILE).read_text())["step"]
-        log.info("resuming from %s (step %d)", ckpt, start_step)
+    if tc.resume:
+        start_step = _resume(accelerator, run_dir)
     metrics_path = run_dir / "metrics.jsonl"
     history = _load_history(metrics_path, start_step) if accelerator.is_main_process else []
 
@@ -305,12 +368,11 @@ def _save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps({"step": step}))
+        normalize_permissions(tmp)  # safetensors writes its files 0600
         if final.exists():
             _remove_checkpoint(final)
         tmp.rename(final)
-        ckpts = sorted((p for p in (run_dir / CKPT_DIR).glob("step-*") if (p / STATE_FILE).is_file()),
-                       key=lambda p: int(p.name.split("-")[1]))
-        for old in ckpts[:-keep] if keep > 0 else []:
+        for old in _complete_checkpoints(run_dir)[:-keep] if keep > 0 else []:
             _remove_checkpoint(old)
     accelerator.wait_for_everyone()
 
