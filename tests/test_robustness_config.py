@@ -284,3 +284,23 @@ def test_atomic_writes_get_umask_permissions(tmp_path):
     assert _mode(tmp_path / "b.bin") == 0o640
     assert _mode(tmp_path / "d" / Path(name).name) == 0o640
     assert _mode(tmp_path / "d" / "sub") == 0o750 and _mode(tmp_path / "d") == 0o750
+
+
+def test_leftovers_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
+    """A writer killed mid-write leaves `.NAME.PID.*.tmp`; the next write of NAME removes it once that
+    process is gone, and leaves a live writer's (another process writing the same path) alone."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    stale = [tmp_path / f".idx.{dead}.k2j4.tmp", tmp_path / f".idx.old-{dead}"]
+    live = tmp_path / f".idx.{os.getppid()}.a1b2.tmp"
+    other = tmp_path / f".other.{dead}.x.tmp"  # another path's: not this write's business
+    for d in [*stale, live, other]:
+        d.mkdir()
+        (d / "vectors.npy").write_bytes(b"0" * 10)
+    with atomic_path(tmp_path / "idx") as tmp:
+        tmp.mkdir()
+    assert not any(d.exists() for d in stale)
+    assert live.exists() and other.exists() and (tmp_path / "idx").is_dir()

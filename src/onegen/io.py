@@ -15,6 +15,7 @@ import ctypes
 import errno
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -90,7 +91,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)) / "x"
+        _remove_stale(path)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)) / "x"
     except OSError as e:
         raise OneGenError(f"cannot write here ({e.strerror or e})", file=str(path)) from None
     try:
@@ -109,6 +111,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
                           file=str(path)) from None
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove what writers of `path` killed mid-write left beside it (`.NAME.PID.*.tmp`, `.NAME.old-PID`),
+    when that process is gone; a live writer's (another process writing the same path) is left alone."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)\.[^/]*\.tmp|old-(\d+))")
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if m and not _alive(int(m.group(1) or m.group(2))):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or cannot tell: keep
+    return True
 
 
 def normalize_permissions(path: str | os.PathLike) -> None:
