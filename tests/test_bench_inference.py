@@ -100,7 +100,9 @@ def test_cli_index_max_tokens_and_generate_fast(tiny_model_dir, qa_world, tmp_pa
     assert main([*base, "--out", str(tmp_path / "b"), "--max-tokens", "96"]) == 0
     a, b = (np.load(tmp_path / d / "vectors.npy") for d in "ab")
     np.testing.assert_allclose(a, b, atol=1e-5)
-    assert main([*base, "--out", str(tmp_path / "c"), "--max-tokens", "0"]) == 2
+    with pytest.raises(SystemExit) as refused:  # checked when the arguments are parsed
+        main([*base, "--out", str(tmp_path / "c"), "--max-tokens", "0"])
+    assert refused.value.code == 2
     items = tmp_path / "eval.jsonl"
     items.write_text("".join(open(qa_world["eval"]).readlines()[:4]))
     preds = {}
