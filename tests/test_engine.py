@@ -470,3 +470,19 @@ def test_predictions_respect_max_new_tokens_and_size_entity_linking_by_the_text(
     run_engine(engine, el, "el", max_new_tokens=4, progress=False)
     run_engine(engine, el, "el", progress=False)
     assert calls == [[4, 4], limits]
+
+
+def test_paragraph_tokens_are_cached_per_document_least_recent_out(model, index, corpus, monkeypatch):
+    import onegen.engine
+
+    monkeypatch.setattr(onegen.engine, "PARAGRAPH_CACHE", 2)
+    eng = Engine(model, index, corpus=corpus)
+    calls = []
+    encode = model.renderer.encode_paragraph
+    monkeypatch.setattr(model.renderer, "encode_paragraph", lambda t: calls.append(t) or encode(t))
+    for doc in ("d0", "d1", "d0", "d2", "d1", "d0"):
+        got = eng._paragraph(doc)
+        assert got == encode(corpus[doc].text)
+        got.append(-1)  # a caller's copy: the cache is not changed through it
+    # d0, d1 tokenized; d0 hit; d2 evicts d1 (least recent); d1 again evicts d0; d0 again
+    assert calls == [corpus[d].text for d in ("d0", "d1", "d2", "d1", "d0")]

@@ -125,6 +125,7 @@ class Engine:
             raise ValueError(f"search_wait must be 'auto' or an int >= 0, got {search_wait!r}")
         self.search_wait = search_wait
         self._eos = sorted(_eos_ids(model))  # looked up once, not per generated token
+        self._paragraphs: dict[str, list[int]] = {}  # doc id -> inserted tokens, least recent first
         self.stats = {"generator_tokens": 0, "reencode_tokens": 0, "retriever_tokens": 0, "forwards": 0,
                       "searches": 0, "queries": 0}
 
@@ -209,7 +210,7 @@ class Engine:
                 for i in self._retrieve(rows, queue.take(), offset, top_k, keep_vectors, callback):
                     r = rows[i]
                     if not link:
-                        para = m.renderer.encode_paragraph(self._doc_text(r.events[-1].doc_ids[0]))
+                        para = self._paragraph(r.events[-1].doc_ids[0])
                         r.stream += para
                         r.n_inserted += len(para)
                         r.feed, r.waiting = para, False
@@ -274,6 +275,18 @@ class Engine:
                 callback({"row": offset + i, "type": "retrieval", "doc_ids": list(ids), "scores": list(scores)})
         return retrieving
 
+    def _paragraph(self, doc_id: str) -> list[int]:
+        """The tokens inserted for a document (`<paragraph>` text `</paragraph>`), tokenized once per
+        document while it stays among the `PARAGRAPH_CACHE` most recent (tokenizing costs about as much
+        host time as a whole decode step of a large batch)."""
+        cached = self._paragraphs.pop(doc_id, None)
+        if cached is None:
+            cached = self.model.renderer.encode_paragraph(self._doc_text(doc_id))
+            if len(self._paragraphs) >= PARAGRAPH_CACHE:
+                self._paragraphs.pop(next(iter(self._paragraphs)))
+        self._paragraphs[doc_id] = cached  # most recent last
+        return list(cached)
+
     def _doc_text(self, doc_id: str) -> str:
         if self.corpus is None:
             raise ValueError("the engine needs the corpus texts to insert (pass corpus= or an index with texts)")
@@ -328,6 +341,7 @@ class Engine:
         return GenerationResult(text, answer, r.events, r.stream, r.n_generated, r.n_inserted, r.finish)
 
 
+PARAGRAPH_CACHE = 65536  # documents whose inserted tokens the engine keeps
 SEARCH_MAX_WAIT = 16  # steps a query may wait under search_wait="auto" (in link mode, where waiting is free)
 
 
