@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from onegen.config import TrainConfig, apply_overrides
+from onegen.config import TrainConfig
+from onegen.configfile import apply_overrides
 from onegen.errors import OneGenError
 
 BASE = """\

@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from onegen.cli import main
-from onegen.config import DataConfig, TrainConfig, _Loader
+from onegen.config import DataConfig, TrainConfig
+from onegen.configfile import _Loader
 from onegen.errors import OneGenError
 from onegen.io import atomic_path, write_text_atomic
 from onegen.render import Renderer

@@ -16,7 +16,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .config import TokensConfig, TrainConfig, _resolve_paths, apply_overrides
+from .config import TokensConfig, TrainConfig
+from .configfile import _resolve_paths, apply_overrides
 from .errors import OneGenError
 
 log = logging.getLogger(__name__)
