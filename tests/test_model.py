@@ -14,7 +14,9 @@ from onegen.collate import Collator
 from onegen.config import LoraConfig, LossConfig
 from onegen.data import Message
 from onegen.losses import Objective
-from onegen.model import ONEGEN_JSON, OneGenModel, pad_right
+from onegen.model import OneGenModel
+from onegen.modeldir import ONEGEN_JSON
+from onegen.padding import pad_right
 
 QUESTIONS = ["Who founded Velmora?", "Where was Ilsa Brandt born? Tell me.", "Hi"]
 
@@ -266,7 +268,7 @@ def test_scratch_models_of_any_family_save_and_load(arch, tiny_tokenizer, tmp_pa
     from transformers import AutoModelForCausalLM
 
     from onegen.config import ModelConfig, ScratchConfig
-    from onegen.model import build_scratch_lm
+    from onegen.hfparts import build_scratch_lm
 
     lm = build_scratch_lm(ModelConfig(scratch=ScratchConfig(architecture=arch, hidden_size=32, num_layers=2,
                                                             num_heads=2)), tiny_tokenizer)

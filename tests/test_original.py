@@ -328,8 +328,8 @@ def test_train_workflow_end_to_end(tmp_path, plain_tokenizer_dir, capsys, monkey
     path = _workflow(tmp_path)
     _tiny_checkpoint(plain_tokenizer_dir, tmp_path / "tiny-model")
     seen = []
-    real = model_module._load_causal_lm
-    monkeypatch.setattr(model_module, "_load_causal_lm", lambda p, d, trust: seen.append(trust) or real(p, d, trust))
+    real = model_module.load_causal_lm
+    monkeypatch.setattr(model_module, "load_causal_lm", lambda p, d, trust: seen.append(trust) or real(p, d, trust))
     rc = main(["train", "--workflow", str(path), "--no-progress", "--train.max_steps", "2", "--train.save_every", "2"])
     assert rc == 0, capsys.readouterr().err
     run = tmp_path / "output" / "tiny"

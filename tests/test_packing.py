@@ -81,7 +81,7 @@ def _model(arch: str, tokenizer, tokens) -> OneGenModel:
         lm = BertLMHeadModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
                                         num_attention_heads=2, intermediate_size=64, is_decoder=True))
     else:
-        from onegen.model import build_scratch_lm
+        from onegen.hfparts import build_scratch_lm
 
         lm = build_scratch_lm(ModelConfig(scratch=ScratchConfig(architecture=arch, hidden_size=32, num_layers=2,
                                                                 num_heads=2)), tokenizer)

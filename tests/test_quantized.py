@@ -7,7 +7,7 @@ import torch
 
 from onegen.errors import OneGenError
 from onegen.index import Index
-from onegen.model import length_batches
+from onegen.padding import length_batches
 from onegen.quantized import FlatInt8Backend, quantize_int8
 
 

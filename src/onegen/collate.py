@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from .data import Corpus
-from .model import pad_right
 from .packing import Packed, pack
+from .padding import pad_right
 from .render import Rendered
 from .tokens import IGNORE_INDEX
 

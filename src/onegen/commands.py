@@ -60,7 +60,7 @@ def _data_show(args: argparse.Namespace) -> int:
         samples = read_samples(args.file, tokens.query, corpus, close_token=tokens.close, open_token=tokens.open,
                                require_corpus=False)  # the checks training makes
     if args.model:
-        from .model import check_onegen_dir
+        from .modeldir import check_onegen_dir
 
         check_onegen_dir(args.model)
         model = OneGenModel.from_pretrained(args.model)

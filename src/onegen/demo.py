@@ -39,7 +39,8 @@ from .errors import OneGenError
 from .index import Index
 from .io import read_jsonl, write_json_atomic, write_jsonl_atomic
 from .metrics import el_metrics, qa_metrics
-from .model import OneGenModel, pad_right
+from .model import OneGenModel
+from .padding import pad_right
 from .predict import prediction_record, prompts_for
 from .retrievers import BM25Retriever, DenseRetriever, HistoryRetriever, SentenceEncoder
 from .synth import synth

@@ -4,7 +4,8 @@ It holds the HF model (composition, never a subclass), its tokenizer and the spe
 forward runs the decoder body once per sequence batch and returns hidden states at retrieval (RET)
 positions and LM logits only at supervised (GEN) positions: the vocabulary projection is never
 computed for every position. The body and the head are found once at load time by checking them
-against the HF model's own forward (no list of architectures), with a full-forward fallback.
+against the HF model's own forward (no list of architectures), with a full-forward fallback
+(`hfparts`). A model saves to and loads from a OneGen model directory (`modeldir`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +21,14 @@ from torch import nn
 
 from .config import LoraConfig, ModelConfig, TokenizerConfig, TokensConfig
 from .errors import OneGenError
+from .hfparts import FullHead, build_scratch_lm, cache_of, find_body_and_head, load_causal_lm
 from .io import atomic_path
+from .modeldir import FORMAT_VERSION, ONEGEN_JSON, read_meta, tokens_dict
 from .packing import block_mask, sliding_window
 from .packing import probe as probe_packing
+from .padding import length_batches, pad_right
 from .render import Renderer
 from .tokens import add_special_tokens, init_new_embeddings, token_ids
-
-log = logging.getLogger(__name__)
-
-ONEGEN_JSON = "onegen.json"
-FORMAT_VERSION = 1
 
 
 class OneGenModel(nn.Module):
@@ -57,7 +55,7 @@ class OneGenModel(nn.Module):
 
     def _set_parts(self) -> None:
         # Plain attributes, not submodules: they are parts of `self.lm` already.
-        body, head, fn = _find_body_and_head(self.hf_model)
+        body, head, fn = find_body_and_head(self.hf_model)
         object.__setattr__(self, "_body", body)
         object.__setattr__(self, "_head", head)
         object.__setattr__(self, "_logit_fn", fn)
@@ -80,7 +78,7 @@ class OneGenModel(nn.Module):
         from .tokenizer import load_tokenizer
 
         path = str(path_or_dir)
-        meta = _read_meta(path)
+        meta = read_meta(path)
         if meta is not None:
             tokens = TokensConfig(**meta["tokens"])
             max_length = meta.get("max_length", max_length)
@@ -91,7 +89,7 @@ class OneGenModel(nn.Module):
         if meta is not None and meta.get("lora"):
             return cls._load_lora(path, meta, tok, tokens, dtype, device, trust_remote_code, max_length,
                                   doc_max_length)
-        lm = _load_causal_lm(path, dtype, trust_remote_code)
+        lm = load_causal_lm(path, dtype, trust_remote_code)
         init_new_embeddings(lm, tok, new_tokens, tokens)
         if device is not None:
             lm.to(device)
@@ -106,7 +104,7 @@ class OneGenModel(nn.Module):
         from peft import PeftModel
 
         base = meta["base_model"]
-        lm = _load_causal_lm(base, dtype, trust_remote_code)
+        lm = load_causal_lm(base, dtype, trust_remote_code)
         base_tok_len = lm.get_input_embeddings().weight.shape[0]
         if base_tok_len < len(tok):
             lm.resize_token_embeddings(len(tok), mean_resizing=False)
@@ -207,7 +205,7 @@ class OneGenModel(nn.Module):
             tmp.mkdir(parents=True)
             self.lm.save_pretrained(str(tmp))
             self.tokenizer.save_pretrained(str(tmp))
-            meta = {"format_version": FORMAT_VERSION, "tokens": _tokens_dict(self.tokens),
+            meta = {"format_version": FORMAT_VERSION, "tokens": tokens_dict(self.tokens),
                     "token_ids": {"query": self.ids.query, "doc": self.ids.doc, "open": self.ids.open,
                                   "close": self.ids.close, "eos": self.ids.eos},
                     "roles": {"query": "GEN+RET", "doc": "RET", "open": "CTX", "close": "CTX"},
@@ -224,7 +222,7 @@ class OneGenModel(nn.Module):
         the hash does not depend on the device or dtype the model runs in. Version 1 (16 hex digits, the
         indexes of onegen <= 0.2) is still accepted by `Index.check_model`."""
         h = hashlib.sha256()
-        h.update(json.dumps(_tokens_dict(self.tokens), sort_keys=True).encode())
+        h.update(json.dumps(tokens_dict(self.tokens), sort_keys=True).encode())
         h.update(str(len(self.tokenizer)).encode())
         for name, p in sorted(self.lm.state_dict().items()):
             flat = p.detach().reshape(-1)
@@ -252,7 +250,7 @@ class OneGenModel(nn.Module):
             kwargs["position_ids"] = position_ids
         if past_key_values is not None:
             kwargs[self._cache_kw] = past_key_values
-        if self._body is not None or not isinstance(self._head, _FullHead):
+        if self._body is not None or not isinstance(self._head, FullHead):
             if self._body is not None:
                 out = self._body(**kwargs)
                 hidden = out.last_hidden_state
@@ -260,10 +258,10 @@ class OneGenModel(nn.Module):
                 out = self.hf_model(**kwargs, output_hidden_states=True)
                 hidden = out.hidden_states[-1]
             logits = None if logits_at is None else self.logits(hidden[logits_at[:, 0], logits_at[:, 1]])
-            return hidden, logits, _cache_of(out)
+            return hidden, logits, cache_of(out)
         out = self.hf_model(**kwargs, output_hidden_states=True)  # fallback: logits everywhere
         logits = None if logits_at is None else out.logits[logits_at[:, 0], logits_at[:, 1]]
-        return out.hidden_states[-1], logits, _cache_of(out)
+        return out.hidden_states[-1], logits, cache_of(out)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       **kwargs: Any) -> tuple[torch.Tensor, Any]:
@@ -274,7 +272,7 @@ class OneGenModel(nn.Module):
     @property
     def head_isolated(self) -> bool:
         """Whether logits can be computed from hidden states alone (no full-forward fallback)."""
-        return not isinstance(self._head, _FullHead)
+        return not isinstance(self._head, FullHead)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM logits (..., V) for the given hidden states only."""
@@ -380,227 +378,3 @@ class OneGenModel(nn.Module):
         bar.close()
         self.train(was_training)
         return vecs
-
-
-def length_batches(sorted_lengths: list[int], order: list[int], batch_size: int,
-                   max_tokens: int | None = None) -> list[list[int]]:
-    """Split `order` (indices sorted by length, `sorted_lengths` theirs) into batches: `batch_size`
-    each, or with `max_tokens` the longest runs whose padded size (count x longest) fits the budget."""
-    if max_tokens is None:
-        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    batches: list[list[int]] = []
-    for i, n in zip(order, sorted_lengths, strict=True):
-        if batches and (len(batches[-1]) + 1) * n <= max_tokens:  # ascending: n is the batch's longest
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
-
-
-def pad_right(seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad to the longest sequence in the list (dynamic padding): ids (B, T) and attention mask (B, T)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
-# -- helpers -------------------------------------------------------------------------------------
-
-def _cache_of(out) -> Any:
-    """The KV cache of a model output (`cache` in transformers 5, `past_key_values` before)."""
-    for key in ("cache", "past_key_values"):
-        if key in out:
-            return out[key]
-    return None
-
-
-def _tokens_dict(tokens: TokensConfig) -> dict[str, Any]:
-    return {"query": tokens.query, "doc": tokens.doc, "open": tokens.open, "close": tokens.close,
-            "descriptions": dict(tokens.descriptions), "extra": dict(tokens.extra)}
-
-
-def check_onegen_dir(path: str | Path) -> None:
-    """Raise `OneGenError` unless `path` is a OneGen model directory (written by `save_pretrained` or
-    `onegen train`). A plain HF checkpoint loads with `from_pretrained` as a start for training, but its
-    query and document tokens were never trained, so indexing or generating with it is a mistake."""
-    if not Path(path).exists():
-        raise OneGenError("model directory not found; pass a OneGen model directory (RUN/model of "
-                          "`onegen train`)", file=str(path))
-    if not (Path(path) / ONEGEN_JSON).is_file():
-        raise OneGenError(f"not a OneGen model directory (no {ONEGEN_JSON}): a plain checkpoint has never "
-                          "learnt the retrieval tokens; fine-tune it first with `onegen train` "
-                          f"(model.name_or_path: {path}) and use RUN/model", file=str(path))
-
-
-def _read_meta(path: str) -> dict[str, Any] | None:
-    meta_path = Path(path) / ONEGEN_JSON
-    if not meta_path.is_file():
-        return None
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        _ = meta["tokens"]["query"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise OneGenError(f"malformed onegen.json ({e}); re-save the model with save_pretrained",
-                          file=str(meta_path)) from None
-    return meta
-
-
-def _load_causal_lm(path: str, dtype: torch.dtype | str | None, trust_remote_code: bool) -> nn.Module:
-    import pickle
-
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise OneGenError(f"cannot load a model config from '{path}': {str(e).splitlines()[0]}") from None
-    if getattr(config, "is_decoder", None) is False and not getattr(config, "is_encoder_decoder", False):
-        config.is_decoder = True  # an encoder checkpoint (e.g. BERT) becomes a causal decoder
-    kwargs: dict[str, Any] = {"config": config, "trust_remote_code": trust_remote_code}
-    if dtype is not None:
-        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # its per-tensor bar would come before a one-line error on stderr
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise OneGenError(f"cannot load a causal LM from '{path}': {str(e).splitlines()[0]}") from None
-    except pickle.UnpicklingError:  # a .bin holding more than tensors: refused by weights_only, never run
-        raise OneGenError(f"cannot load a causal LM from '{path}': its weights file holds objects other than "
-                          "tensors and is not unpickled; use safetensors weights") from None
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def build_scratch_lm(cfg: ModelConfig, tokenizer) -> nn.Module:
-    """A randomly initialised causal LM of `cfg.scratch.architecture` sized for the tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    s = cfg.scratch
-    assert s is not None
-    try:
-        config = AutoConfig.for_model(s.architecture)
-    except ValueError:
-        raise OneGenError(f"unknown architecture '{s.architecture}' (any model_type transformers knows)",
-                          field="model.scratch.architecture") from None
-    attribute_map = getattr(config, "attribute_map", {})
-    head_dim = s.hidden_size // s.num_heads
-    rotary = getattr(config, "rotary_dim", None)  # a partial-rotary default wider than a small head (GPT-J)
-    fit = {"rotary_dim": head_dim} if isinstance(rotary, int) and rotary > head_dim else {}
-    values = {"vocab_size": len(tokenizer), "hidden_size": s.hidden_size, "num_hidden_layers": s.num_layers,
-              "num_attention_heads": s.num_heads, "num_key_value_heads": s.num_heads,
-              "intermediate_size": s.intermediate_size or 4 * s.hidden_size,
-              "max_position_embeddings": s.max_position_embeddings,
-              "head_dim": head_dim, **fit,
-              "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-              "pad_token_id": tokenizer.pad_token_id, **s.extra}
-    def settable(key: str) -> bool:  # not a derived, read-only property (e.g. Falcon's head_dim)
-        prop = getattr(type(config), key, None)
-        return not (isinstance(prop, property) and prop.fset is None)
-
-    known = {k: v for k, v in values.items() if (hasattr(config, k) or k in attribute_map) and settable(k)}
-    # built again with the sizes as arguments, so fields a config derives from them when it is made
-    # (e.g. one `layer_types` entry per layer) agree with them; setting them afterwards would not
-    try:
-        config = AutoConfig.for_model(s.architecture, **known)
-        for key, value in known.items():  # configs that ignore an argument still get the attribute
-            if getattr(config, key, None) != value:
-                setattr(config, key, value)
-        if getattr(config, "is_decoder", None) is False:
-            config.is_decoder = True
-        return AutoModelForCausalLM.from_config(config)
-    except (ValueError, TypeError) as e:  # e.g. a hidden size the heads do not divide
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise OneGenError(f"transformers cannot build a '{s.architecture}' model from these sizes: {first}",
-                          field="model.scratch") from None
-
-
-_PROBE = [5, 7, 11, 3, 2, 9]
-
-
-@torch.no_grad()
-def _find_body_and_head(lm: nn.Module):
-    """Find the decoder body and the LM head of `lm` by checking them against its own forward.
-
-    Returns (body or None, head, logit_fn). Candidate heads are the output embedding and the modules
-    that contain it; logit_fn applies soft-capping/scaling found in the config. With no match, the
-    full forward is used (correct, but computes logits at every position).
-    """
-    was_training = lm.training
-    lm.eval()
-    try:
-        device = next(lm.parameters()).device
-        vocab = lm.get_input_embeddings().weight.shape[0]
-        ids = torch.tensor([[t % vocab for t in _PROBE]], device=device)
-        ref = lm(input_ids=ids, output_hidden_states=True, use_cache=False)
-        hidden = ref.hidden_states[-1]
-        body = getattr(lm, "base_model", None)
-        if body is not None and body is not lm:
-            try:
-                got = body(input_ids=ids, use_cache=False).last_hidden_state
-                if not torch.allclose(got.float(), hidden.float(), atol=1e-4, rtol=1e-3):
-                    body = None
-            except Exception:  # a body with another calling convention: use the full forward
-                body = None
-        else:
-            body = None
-        for head in _head_candidates(lm):
-            for fn in _logit_fns(lm.config):
-                try:
-                    logits = fn(head(hidden))
-                except Exception:
-                    continue
-                if logits.shape == ref.logits.shape and torch.allclose(
-                        logits.float(), ref.logits.float(), atol=1e-3, rtol=1e-3):
-                    return body, head, fn
-        log.warning("could not isolate the LM head; using the full forward (logits at every position)")
-        return None, _FullHead(lm), _identity
-    finally:
-        lm.train(was_training)
-
-
-def _head_candidates(lm: nn.Module) -> list[nn.Module]:
-    out = lm.get_output_embeddings()
-    if out is None:
-        return []
-    names = {id(m): n for n, m in lm.named_modules()}
-    name = names.get(id(out), "")
-    candidates = [out]
-    parts = name.split(".")
-    for i in range(len(parts) - 1, 0, -1):  # the output embedding's parents, innermost first
-        candidates.append(lm.get_submodule(".".join(parts[:i])))
-    return candidates
-
-
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-def _logit_fns(config) -> list:
-    fns = [_identity]
-    cap = getattr(config, "final_logit_softcapping", None)
-    if cap:
-        fns.append(lambda x: torch.tanh(x / cap) * cap)
-    scale = getattr(config, "logits_scaling", None)
-    if scale:
-        fns.append(lambda x: x / scale)
-    mult = getattr(config, "logit_scale", None)
-    if mult:
-        fns.append(lambda x: x * mult)
-    return fns
-
-
-class _FullHead:
-    """Marks a model whose LM head could not be isolated: `OneGenModel.run` takes logits from the full
-    forward instead of applying a head to hidden states."""
-
-    def __init__(self, lm: nn.Module):
-        self.lm = lm

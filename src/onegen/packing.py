@@ -109,7 +109,7 @@ def sliding_window(config) -> int | None:
 def probe(model) -> str | None:
     """The mask kind under which a packed forward of `model` (a OneGenModel) reproduces the separate
     forwards, or None when none does (the model is then trained padded)."""
-    from .model import pad_right
+    from .padding import pad_right
 
     hf = model.hf_model
     vocab = hf.get_input_embeddings().weight.shape[0]

@@ -82,7 +82,8 @@ def predict_file(model_dir: str, index_dir: str, input_path: str, out_path: str,
 
     `fast`: the engine's fast decode path (None: when on CUDA and supported; True: required)."""
     from .index import Index
-    from .model import OneGenModel, check_onegen_dir
+    from .model import OneGenModel
+    from .modeldir import check_onegen_dir
     from .retrievers import BM25Retriever, DenseRetriever, load_encoder
 
     for name, value, low in (("batch_size", batch_size, 1), ("max_new_tokens", max_new_tokens or 1, 1),

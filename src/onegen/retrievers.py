@@ -118,7 +118,8 @@ def load_encoder(path: str | Path, device: str | None = None) -> Any:
     p = Path(path)
     if (p / "modules.json").is_file() and not (p / "onegen.json").is_file():
         return SentenceEncoder(p, device)
-    from .model import OneGenModel, check_onegen_dir
+    from .model import OneGenModel
+    from .modeldir import check_onegen_dir
 
     check_onegen_dir(p)
     return OneGenModel.from_pretrained(p, device=device)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..index import make_backend
-from ..model import pad_right
+from ..padding import pad_right
 from .common import (
     common_args,
     machine,
