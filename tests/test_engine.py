@@ -65,13 +65,13 @@ def test_compacted_and_split_cache_equals_recompute(corpus, monkeypatch, arch, s
     their own cache rows (`split` 0: whenever a step mixes) change nothing: the same tokens, retrievals and
     query vectors as recomputing every row, with rotary (Llama) or learned absolute positions (GPT-2, BERT
     turned decoder)."""
-    import onegen.engine
+    import onegen.steppers
 
     model = _model(0, arch)
     index = Index.build(model, corpus, progress=False)
-    monkeypatch.setattr(onegen.engine, "COMPACT_SLACK", slack)
-    monkeypatch.setattr(onegen.engine, "COMPACT_RATIO", ratio)
-    monkeypatch.setattr(onegen.engine, "SPLIT_MIN", split)
+    monkeypatch.setattr(onegen.steppers, "COMPACT_SLACK", slack)
+    monkeypatch.setattr(onegen.steppers, "COMPACT_RATIO", ratio)
+    monkeypatch.setattr(onegen.steppers, "SPLIT_MIN", split)
     steppers = []
     engine = Engine(model, index, corpus=corpus, fast=False)
     new_stepper = engine.new_stepper
@@ -253,9 +253,9 @@ def test_sampling_batched_equals_one_by_one(model, index, corpus):
 def test_split_step_falls_back_when_the_rows_cache_comes_back_another_kind(model, index, corpus, monkeypatch):
     """If the model hands back a cache the split cannot merge, the paragraph rows are fed the plain way
     in the same step: the same tokens as recomputing every row."""
-    import onegen.engine
+    import onegen.steppers
 
-    real = onegen.engine._dense_layers
+    real = onegen.steppers._dense_layers
     main: list = []
     refused = []
 
@@ -265,8 +265,8 @@ def test_split_step_falls_back_when_the_rows_cache_comes_back_another_kind(model
             return None
         return real(cache, width)
 
-    monkeypatch.setattr(onegen.engine, "SPLIT_MIN", 0)
-    monkeypatch.setattr(onegen.engine, "_dense_layers", dense_layers)
+    monkeypatch.setattr(onegen.steppers, "SPLIT_MIN", 0)
+    monkeypatch.setattr(onegen.steppers, "_dense_layers", dense_layers)
     engine = Engine(model, index, corpus=corpus, fast=False)
     new_stepper = engine.new_stepper
     engine.new_stepper = lambda *a: main.append(new_stepper(*a)) or main[-1]
@@ -393,15 +393,15 @@ def test_sliding_window_models_cached_equals_recompute(corpus, monkeypatch, name
     cached steps give the recomputed tokens, documents and query vectors, batched equals one by one,
     with compaction and split steps or without. The window matters (same weights, no window: other
     tokens)."""
-    import onegen.engine
+    import onegen.steppers
 
     arch, extra = SLIDING[name]
     if compact:
-        monkeypatch.setattr(onegen.engine, "COMPACT_SLACK", 0)
-        monkeypatch.setattr(onegen.engine, "COMPACT_RATIO", 0.0)
-        monkeypatch.setattr(onegen.engine, "SPLIT_MIN", 0)
+        monkeypatch.setattr(onegen.steppers, "COMPACT_SLACK", 0)
+        monkeypatch.setattr(onegen.steppers, "COMPACT_RATIO", 0.0)
+        monkeypatch.setattr(onegen.steppers, "SPLIT_MIN", 0)
     model = _model(0, arch, **extra)
-    assert onegen.engine.own_masks(model) not in (None, onegen.engine.UNSUPPORTED)
+    assert onegen.steppers.own_masks(model) not in (None, onegen.steppers.UNSUPPORTED)
     index = Index.build(model, corpus, progress=False)
     kw = {**GEN, "max_new_tokens": [30, 9, 22, 16], "keep_vectors": True}
     steppers = []
@@ -409,7 +409,7 @@ def test_sliding_window_models_cached_equals_recompute(corpus, monkeypatch, name
     new_stepper = engine.new_stepper
     engine.new_stepper = lambda *a: steppers.append(new_stepper(*a)) or steppers[-1]
     a = engine.generate(QUESTIONS, **kw)
-    assert isinstance(steppers[0], onegen.engine._CachedStepper)
+    assert isinstance(steppers[0], onegen.steppers.CachedStepper)
     assert (steppers[0].compactions > 0 and steppers[0].splits > 0) is compact
     b = Engine(model, index, corpus=corpus, use_cache=False).generate(QUESTIONS, **kw)
     _same_results(b, a)
@@ -428,19 +428,19 @@ def test_sliding_window_models_cached_equals_recompute(corpus, monkeypatch, name
 def test_sliding_window_model_without_usable_masks_recomputes(corpus, monkeypatch, caplog):
     """A sliding-window model that takes no 4-D mask (or fails the check) is decoded by recomputation:
     slow, still exact; a warning says so."""
-    import onegen.engine
+    import onegen.steppers
 
     model = _model(0, "mistral", sliding_window=6)
     index = Index.build(model, corpus, progress=False)
     ref = Engine(model, index, corpus=corpus).generate(QUESTIONS, **GEN)
     del model._engine_masks
-    monkeypatch.setattr(onegen.engine, "_masks_hold", lambda *a: False)
+    monkeypatch.setattr(onegen.steppers, "_masks_hold", lambda *a: False)
     with caplog.at_level("WARNING"):
         engine = Engine(model, index, corpus=corpus)
-        assert isinstance(engine.new_stepper(2, 64), onegen.engine._RecomputeStepper)
+        assert isinstance(engine.new_stepper(2, 64), onegen.steppers.RecomputeStepper)
         _same_results(ref, engine.generate(QUESTIONS, **GEN))
     assert "recomputes" in caplog.text
-    assert onegen.engine.own_masks(_model(0)) is None  # no window: the model's own masks
+    assert onegen.steppers.own_masks(_model(0)) is None  # no window: the model's own masks
 
 
 @pytest.mark.parametrize("kw", [{"top_k": 0}, {"max_new_tokens": 0}, {"max_new_tokens": [5, 0, 5, 5]},

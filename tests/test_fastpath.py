@@ -1,5 +1,5 @@
 """Fast path == generic path: the compact forward over HF weights, the slot cache and the bucketed
-decode step give the same tokens, retrievals and query vectors as `_CachedStepper`, for tiny Llama,
+decode step give the same tokens, retrievals and query vectors as `CachedStepper`, for tiny Llama,
 Mistral, Qwen2 and Qwen3 models (GQA, tied and untied heads, llama3 RoPE, attention bias, q/k norms).
 A step where some rows insert a paragraph while others decode is ONE forward over the layers (the mixed
 step), equal to the separate prefill + decode it replaces. Unsupported structures are detected (auto falls
@@ -15,10 +15,11 @@ import torch
 from onegen import fastpath
 from onegen.config import LoraConfig, ModelConfig, ScratchConfig, TokenizerConfig, TokensConfig
 from onegen.data import Corpus, Document, Message
-from onegen.engine import Engine, _CachedStepper
+from onegen.engine import Engine
 from onegen.fastpath import FastDecoder, FastPathUnsupported, _FastStepper, unsupported_reason
 from onegen.index import Index
 from onegen.model import OneGenModel
+from onegen.steppers import CachedStepper
 from onegen.tokenizer import train_bpe
 
 DOCS = [Document(f"d{i}", text) for i, text in enumerate([
@@ -122,7 +123,7 @@ def test_mixed_step_is_one_forward_equal_to_separate_and_generic(setup, monkeypa
     run_layers = fastpath.run_layers
     monkeypatch.setattr(fastpath, "run_layers", lambda *a: calls.append(1) or run_layers(*a))
     mixed, separate = FastDecoder(model), FastDecoder(model, mixed=False)
-    steppers = [mixed.stepper(5, 256), separate.stepper(5, 256), _CachedStepper(model, 5)]
+    steppers = [mixed.stepper(5, 256), separate.stepper(5, 256), CachedStepper(model, 5)]
     schedule = [prompts,
                 [[7], paras[0], paras[1], [13], paras[2]],  # three runs (a padding run in the bucket of 4)
                 [[8], [12], [], [14], paras[4]],  # a done row; a short run in the last row
@@ -170,7 +171,7 @@ def test_compact_forward_equals_hf_forward(setup):
     seqs = [model.renderer.encode_prompt([Message("user", q)]) + [5, 9, 17, 4] for q in QUESTIONS[:3]]
     plens = [len(s) - 4 for s in seqs]
     fast = FastDecoder(model).stepper(len(seqs), 64)
-    generic = _CachedStepper(model, len(seqs))
+    generic = CachedStepper(model, len(seqs))
     feeds = [s[:n] for s, n in zip(seqs, plens, strict=True)]
     for k in range(5):
         hist = [s[: n + k] for s, n in zip(seqs, plens, strict=True)]

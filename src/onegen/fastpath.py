@@ -350,7 +350,7 @@ class _Graph:
 
 
 class _FastStepper:
-    """The engine's stepper on the fast path: row i lives in slot i; same interface as `_CachedStepper`."""
+    """The engine's stepper on the fast path: row i lives in slot i; same interface as `steppers.CachedStepper`."""
 
     def __init__(self, decoder: FastDecoder, n_rows: int):
         self.decoder = decoder
