@@ -187,13 +187,16 @@ class Engine:
                                           [r.history for r in rows] if needs_history else [])
             self.stats["forwards"] += 1
             self.stats["generator_tokens"] += sum(len(r.feed) for r in rows if not r.done)
-            # 2. rows that just fed [RQ] queue their query: the hidden state of this very step
-            for i, r in enumerate(rows):
-                if not r.done and r.feed and r.feed[-1] == m.ids.query and r.n_generated and r.stream \
-                        and r.stream[-1] == m.ids.query:
-                    queue.add(i, len(r.stream) - 1, hidden[i] if self.mode == "onegen" else None)
-                    r.queued += 1
-                    r.feed, r.waiting = ([], True) if not link else (r.feed, False)
+            # 2. rows that just fed [RQ] queue their query: the hidden state of this very step (taken
+            #    out in one gather: a view would keep the step's whole hidden block alive while it waits)
+            fresh = [i for i, r in enumerate(rows) if not r.done and r.feed and r.feed[-1] == m.ids.query
+                     and r.n_generated and r.stream and r.stream[-1] == m.ids.query]
+            vecs = hidden[torch.tensor(fresh, device=hidden.device)] if fresh and self.mode == "onegen" else None
+            for n, i in enumerate(fresh):
+                r = rows[i]
+                queue.add(i, len(r.stream) - 1, None if vecs is None else vecs[n])
+                r.queued += 1
+                r.feed, r.waiting = ([], True) if not link else (r.feed, False)
             # 3. every live row that is not waiting decodes a token: all picked at once, one transfer
             decoding = [i for i, r in enumerate(rows) if not r.done and not r.waiting]
             if decoding:
