@@ -11,9 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
+from onegen.config import TrainConfig
 from onegen.model import OneGenModel
+from onegen.trainer import train
 
 
 def _free_port() -> int:
@@ -28,7 +31,8 @@ def test_torchrun_two_processes(qa_world, tmp_path):
         "tokenizer": {"train": {"vocab_size": 600}},
         "data": {"train": qa_world["train"], "corpus": qa_world["corpus"], "max_length": 256},
         "loss": {"negatives": 2, "gather_across_ranks": True},
-        "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "save_every": 2, "precision": "no"},
+        "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "save_every": 2, "precision": "no",
+                  "schedule": "linear", "warmup_steps": 0},
         "output_dir": str(tmp_path / "run"),
     }
     config_path = tmp_path / "c.yaml"
@@ -55,3 +59,10 @@ def test_torchrun_two_processes(qa_world, tmp_path):
     assert (run / "checkpoints" / "step-2").is_dir()
     model = OneGenModel.from_pretrained(run / "model")
     assert model.embed_queries(["Who founded Velmora?"]).shape == (1, 64)
+    # one process with the same global batch: the same learning-rate schedule (stepped once per step,
+    # not once per process) and, at step 1 (same initial weights), the same LM loss (summed over ranks)
+    single = {**cfg, "train": {**cfg["train"], "batch_size": 8}, "output_dir": str(tmp_path / "single")}
+    one = train(TrainConfig.from_dict(single), progress=False)
+    ref = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == pytest.approx([r["lr"] for r in ref]) == [1e-3 * 2 / 3, 1e-3 / 3, 0.0]
+    assert rows[0]["lm_loss"] == pytest.approx(ref[0]["lm_loss"], rel=1e-4)

@@ -21,7 +21,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         config = TrainConfig.from_yaml(args.config, extra)
     run_dir = train(config, progress=False if args.no_progress else None)
-    print(f"run directory: {run_dir}  (model: {run_dir / 'model'})")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate: said once
+        print(f"run directory: {run_dir}  (model: {run_dir / 'model'})")
     return 0
 
 

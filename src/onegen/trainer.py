@@ -160,7 +160,8 @@ def _accelerator(precision: str, cpu: bool):
     if shared and shared.get("_mixed_precision") != precision:
         AcceleratorState._reset_state()
         GradientState._reset_state()
-    return Accelerator(mixed_precision=precision, cpu=cpu)
+    # the scheduler steps once per optimizer step (by `train`), not once per process as accelerate would
+    return Accelerator(mixed_precision=precision, cpu=cpu, step_scheduler_with_optimizer=False)
 
 
 def _complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -192,10 +193,12 @@ def _resume(accelerator, run_dir: Path) -> int:
         if accelerator.is_main_process:
             for path, _ in bad:
                 _set_aside(path)
-        log.warning("resuming from %s (step %d)", ckpt, step)
+        if accelerator.is_main_process:
+            log.warning("resuming from %s (step %d)", ckpt, step)
         return step
     if bad:
-        raise OneGenError(f"no checkpoint can be read ({bad[0][1]}); to start over, delete "
+        raise OneGenError(f"none of the {len(bad)} checkpoints can be read (the newest: {bad[0][1]}); to start "
+                          "over, delete "
                           f"{run_dir / CKPT_DIR} or set train.resume false (--train.resume false)",
                           file=str(bad[0][0]))
     return 0
@@ -315,20 +318,26 @@ def train(config: TrainConfig, progress: bool | None = None) -> Path:
                 out = model(batch)
                 terms = objective(out, batch, head, float(counts[0]), float(counts[1]), world, gather)
                 accelerator.backward(terms["loss"])
-            for k in ("lm_loss", "retrieval_loss", "retrieval_correct"):
+            for k in ("lm_loss", "retrieval_loss", "retrieval_correct"):  # this rank's share of the global value
                 sums[k] += float(terms[k]) / (world if k != "retrieval_correct" else 1)
         if tc.max_grad_norm:
             accelerator.clip_grad_norm_(params, tc.max_grad_norm)
         optimizer.step()
-        scheduler.step()
+        if not getattr(optimizer, "step_was_skipped", False):  # a step fp16 loss scaling skipped keeps its lr
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        # 4. metrics, checkpoint
+        # 4. metrics (summed over ranks: each holds its share of the global means), checkpoint
         done = step + 1
+        if world > 1:
+            keys = ("lm_loss", "retrieval_loss", "retrieval_correct", "tokens")
+            total = accelerator.reduce(torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64,
+                                                    device=accelerator.device), reduction="sum")
+            sums = dict(zip(keys, total.tolist(), strict=True))
         record = {"step": done, "epoch": round(done / per_epoch, 4), "lm_loss": sums["lm_loss"],
                   "retrieval_loss": sums["retrieval_loss"],
-                  "retrieval_acc": sums["retrieval_correct"] / max(1.0, float(counts[1]) / world),
+                  "retrieval_acc": sums["retrieval_correct"] / max(1.0, float(counts[1])),
                   "lr": scheduler.get_last_lr()[0],
-                  "tokens_per_s": sums["tokens"] * world / max(time.perf_counter() - t0, 1e-9)}
+                  "tokens_per_s": sums["tokens"] / max(time.perf_counter() - t0, 1e-9)}
         history.append(record)
         bar.update(1)
         bar.set_postfix(lm=f"{record['lm_loss']:.3f}", ret=f"{record['retrieval_loss']:.3f}")
