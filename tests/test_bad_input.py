@@ -497,3 +497,26 @@ def test_generate_refuses_to_overwrite_its_input(env, tmp_path, capsys):
     _assert_one_line(capsys.readouterr().err, "generate", str(tmp_path / "." / "items.jsonl"), None,
                      "would overwrite the input")
     assert same.read_bytes() == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+@pytest.mark.parametrize("argv", [["bench", "inference", "--device", "cuda"], ["bench", "train", "--device", "tpu"],
+                                  ["index", "--model", "m", "--corpus", "c", "--out", "o", "--device", "cuda"],
+                                  ["generate", "--model", "m", "--index", "i", "--input", "f", "--out", "o",
+                                   "--device", "cuda:1"]])
+def test_a_device_this_machine_lacks_is_refused_in_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --device:" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_from_pretrained_refuses_a_missing_device_before_loading(tmp_path):
+    from onegen.errors import OneGenError
+    from onegen.model import OneGenModel
+
+    with pytest.raises(OneGenError, match="CPU-only torch build|no CUDA device"):
+        OneGenModel.from_pretrained(tmp_path / "not-even-there", device="cuda")
+    with pytest.raises(OneGenError, match="unknown device 'gpu0'"):
+        OneGenModel.from_pretrained(tmp_path / "not-even-there", device="gpu0")

@@ -302,3 +302,16 @@ def test_selfrag_reflection_tokens_between_words_leave_a_space():
     text = "[Relevant]The tower is in Paris.[Fully supported][Continue to Use Evidence]It was built.[Utility:5]"
     assert _strip_reflection(text) == "The tower is in Paris. It was built."
     assert _strip_reflection("a [No Retrieval]b") == "a b"  # a space already there: not doubled
+
+
+def test_selfrag_dropped_paragraph_between_sentences_leaves_a_space(tmp_path):
+    out = "It was built for the Fair.[Retrieval]<paragraph>Some text.</paragraph>[Irrelevant]It is 330 metres tall."
+    path = tmp_path / "sr.jsonl"
+    kept = "[Retrieval]<paragraph>The tower is in Paris.</paragraph>[Relevant]Paris.[Fully supported]"
+    path.write_text(json.dumps({"id": "x", "instruction": "Tell me about the tower.", "output": out}) + "\n"
+                    + json.dumps({"id": "y", "instruction": "Where is the tower?", "output": kept}) + "\n")
+    convert("selfrag", path, tmp_path / "out", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
+    assert rows[0]["messages"][1]["content"] == "It was built for the Fair. It is 330 metres tall."
+    assert "retrievals" not in rows[0]
+    assert rows[1]["messages"][1]["content"] == "[RQ]<paragraph>The tower is in Paris.</paragraph>Paris."

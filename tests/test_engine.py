@@ -367,7 +367,7 @@ def test_auto_searches_a_small_index_at_once(model, index, corpus):
 
 
 def test_bad_search_wait_is_refused(model, index, corpus):
-    for bad in (-1, "soon", 1.5):
+    for bad in (-1, "soon", 1.5, True):
         with pytest.raises(ValueError, match="search_wait"):
             Engine(model, index, corpus=corpus, search_wait=bad)
 

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 
+from .device import device_arg
 from .errors import OneGenError
 
 
@@ -28,6 +29,7 @@ def _at_least(low: int):
 
 
 POSITIVE, NON_NEGATIVE = _at_least(1), _at_least(0)
+
 
 
 def _add_train(sub) -> None:
@@ -73,7 +75,7 @@ def _add_index(sub) -> None:
     p.add_argument("--batch-size", type=POSITIVE, default=32)
     p.add_argument("--max-tokens", type=POSITIVE, default=None,
                    help="batch by a budget of padded tokens (rows x longest) instead of --batch-size documents")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, type=device_arg)
 
 
 def _add_generate(sub) -> None:
@@ -91,7 +93,7 @@ def _add_generate(sub) -> None:
                         "with its mentions marked)")
     p.add_argument("--top-k", type=POSITIVE, default=5)
     p.add_argument("--max-retrievals", type=NON_NEGATIVE, default=4)
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, type=device_arg)
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
                    help="the fast decode path (static cache, CUDA graphs): --fast requires it, --no-fast turns "
                         "it off; default: on when the model runs on CUDA and is supported")

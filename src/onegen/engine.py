@@ -118,7 +118,8 @@ class Engine:
         if fast and not use_cache:
             raise ValueError("fast=True needs use_cache=True")
         self._fast = fast_decoder(model, fast) if use_cache else None
-        if not (search_wait == "auto" or (isinstance(search_wait, int) and search_wait >= 0)):
+        if not (search_wait == "auto" or (isinstance(search_wait, int) and not isinstance(search_wait, bool)
+                                          and search_wait >= 0)):
             raise ValueError(f"search_wait must be 'auto' or an int >= 0, got {search_wait!r}")
         self.search_wait = search_wait
         self._eos = sorted(_eos_ids(model))  # looked up once, not per generated token

@@ -102,10 +102,9 @@ def build_scratch_lm(cfg: ModelConfig, tokenizer) -> nn.Module:
 
 def cache_of(out) -> Any:
     """The KV cache of a model output (`cache` in transformers 5, `past_key_values` before)."""
-    for key in ("cache", "past_key_values"):
-        if key in out:
-            return out[key]
-    return None
+    if "cache" in getattr(type(out), "__dataclass_fields__", {}):  # asking for the old name would warn
+        return getattr(out, "cache", None)
+    return getattr(out, "past_key_values", None)
 
 
 _PROBE = [5, 7, 11, 3, 2, 9]

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .config import LoraConfig, ModelConfig, TokenizerConfig, TokensConfig
+from .device import check_device
 from .errors import OneGenError
 from .hfparts import FullHead, build_scratch_lm, cache_of, find_body_and_head, load_causal_lm
 from .io import atomic_path
@@ -77,6 +78,8 @@ class OneGenModel(nn.Module):
         """
         from .tokenizer import load_tokenizer
 
+        if device is not None:
+            device = check_device(device)  # before any loading
         path = str(path_or_dir)
         meta = read_meta(path)
         if meta is not None:

@@ -22,6 +22,7 @@ import pickle
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -238,7 +239,27 @@ def _step_indices(n: int, global_batch: int, step: int, seed: int) -> list[int]:
 
 
 def train(config: TrainConfig, progress: bool | None = None) -> Path:
-    """Train a OneGen model as the config says; returns the run directory."""
+    """Train a OneGen model as the config says; returns the run directory. `progress` False (or
+    `train.progress: false`) also silences transformers' own bars (loading, writing weights)."""
+    with _hf_progress(config.train.progress if progress is None else progress):
+        return _train(config, progress)
+
+
+@contextlib.contextmanager
+def _hf_progress(show: bool) -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not show:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not show:
+            hf_logging.enable_progress_bar()
+
+
+def _train(config: TrainConfig, progress: bool | None) -> Path:
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 

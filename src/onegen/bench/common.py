@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from ..device import device_arg
+
 # name fragment -> (dense bf16 FLOP/s, HBM bytes/s), from the vendors' spec sheets (SXM parts)
 GPU_PEAKS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12),
              "L40S": (362e12, 0.864e12), "A10G": (125e12, 0.6e12)}
@@ -137,8 +139,9 @@ def machine(device: str) -> dict[str, Any]:
     return info
 
 
+
 def common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="cpu (CPU-sized defaults) or cuda (GPU sizes)")
+    p.add_argument("--device", default="cpu", type=device_arg, help="cpu (CPU-sized defaults) or cuda (GPU sizes)")
     p.add_argument("--out", default="benchmarks/results", help="where the JSON and PNG go")
     p.add_argument("--seed", type=int, default=0)
 

@@ -123,18 +123,20 @@ def _eval_record(rec: Record, rid: str, corpus: CorpusBuilder, out: Converted, s
 
 def _train_record(rec: Record, rid: str, corpus: CorpusBuilder, tokens: TokensConfig) -> dict[str, Any]:
     question, output = _question(rec), rec.first(("output",), str)
-    pieces, retrievals, pos = [], [], 0
+    pieces, retrievals, pos, text_run = [], [], 0, ""
     for m in _PARAGRAPH.finditer(output):
-        pieces.append(output[pos:m.start()])
+        text_run += output[pos:m.start()]
         pos = m.end()
         text = " ".join(m.group(1).split())
-        if m.group(2) or not text:  # judged irrelevant (or empty): drop the retrieval
+        if m.group(2) or not text:  # judged irrelevant (or empty): drop the retrieval; the text around
+            text_run += "[Irrelevant]"  # it stays one run, so a dropped paragraph between words is a space
             continue
         doc = corpus.add(None, text)
-        pieces.append(f"{tokens.query}{tokens.open}{text}{tokens.close}")
+        pieces += [_strip_reflection(text_run), f"{tokens.query}{tokens.open}{text}{tokens.close}"]
+        text_run = ""
         retrievals.append({"positives": [doc]})
-    pieces.append(output[pos:])
-    content = "".join(_strip_reflection(p) if not p.startswith(tokens.query) else p for p in pieces).strip()
+    pieces.append(_strip_reflection(text_run + output[pos:]))
+    content = "".join(pieces).strip()
     if not content:
         raise rec.error("nothing left after removing reflection tokens", "output")
     return {"id": rid, "messages": [{"role": "user", "content": question},
