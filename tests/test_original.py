@@ -366,3 +366,22 @@ def test_train_workflow_bad_input_one_line_exit_2(tmp_path, capsys):
     assert err.startswith("onegen train: error: ") and "\n" not in err
     assert "train.jsonl:3 field 'messages[1].negative[0]'" in err, err
     assert not (tmp_path / "output").exists()
+
+
+def test_index_reads_the_paper_db_split_at_the_models_document_token(tiny_model_dir, tmp_path, capsys):
+    """`onegen index --corpus db.jsonl`: the paper's db is recognised (rows with uid and messages) and
+    split at the model's own document token into the documents training reads (ids uid / uid-k)."""
+    from onegen.index import Index
+
+    db = tmp_path / "db.jsonl"
+    db.write_text((FIXTURES / "db.jsonl").read_text().replace(json.dumps(D)[1:-1], "[RD]"))
+    out = tmp_path / "idx"
+    assert main(["index", "--model", str(tiny_model_dir), "--corpus", str(db), "--out", str(out)]) == 0
+    expected = read_original_db(db, "[RD]").corpus
+    index = Index.load(out)
+    assert index.ids == expected.ids and len(index.ids) > 3
+    assert [index.corpus[i].text for i in index.ids] == [d.text for d in expected.docs]
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_model_dir, plain, ignore=shutil.ignore_patterns("onegen.json"))
+    assert main(["index", "--model", str(plain), "--corpus", str(db), "--out", str(tmp_path / "x")]) == 2
+    assert "index it with a OneGen model directory" in capsys.readouterr().err

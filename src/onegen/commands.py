@@ -119,7 +119,11 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
     from .index import Index
     from .retrievers import load_encoder
 
-    corpus = read_corpus(args.corpus)
+    first = _first_object(args.corpus)
+    if "text" not in first and "uid" in first and "messages" in first:  # the paper's db.jsonl, as it is
+        corpus = _paper_db(args.corpus, args.model)
+    else:
+        corpus = read_corpus(args.corpus)
     device = args.device
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
         device = f"cuda:{os.environ['LOCAL_RANK']}"
@@ -132,6 +136,20 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
         index.save(args.out)
         print(f"indexed {len(index)} documents ({args.backend}, dim {index.dim}) into {args.out}")
     return 0
+
+
+def _paper_db(path: str, model_dir: str):
+    """A `db.jsonl` of the paper's repository as a corpus: its rows split at the model's own document
+    token (from the model directory's onegen.json), ids `uid` / `uid-k` as training reads them."""
+    from .modeldir import read_meta
+    from .original import read_original_db
+
+    meta = read_meta(model_dir)
+    if meta is None:
+        raise OneGenError("this corpus is a db.jsonl of the paper's repository (rows with uid and messages); "
+                          "index it with a OneGen model directory, whose document token splits its rows",
+                          file=path)
+    return read_original_db(path, meta["tokens"]["doc"]).corpus
 
 
 def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
