@@ -277,3 +277,12 @@ def test_scratch_models_of_any_family_save_and_load(arch, tiny_tokenizer, tmp_pa
     assert back.config.num_hidden_layers == 2 and back.config.vocab_size == len(tiny_tokenizer)
     ids = torch.tensor([[1, 2, 3]])
     torch.testing.assert_close(back(ids).logits, lm.eval()(ids).logits)
+
+
+def test_a_local_path_that_does_not_exist_fails_at_once(tmp_path):
+    """An absolute or ./ path cannot be a hub id: no download attempts (offline: half a minute of retries)."""
+    from onegen.errors import OneGenError
+
+    for path in (str(tmp_path / "missing"), "./missing-model-dir"):
+        with pytest.raises(OneGenError, match="model directory not found"):
+            OneGenModel.from_pretrained(path)

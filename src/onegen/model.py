@@ -81,6 +81,9 @@ class OneGenModel(nn.Module):
         if device is not None:
             device = check_device(device)  # before any loading
         path = str(path_or_dir)
+        local = Path(path).expanduser()
+        if (local.is_absolute() or path.startswith((".", "~"))) and not local.exists():  # not a hub id either
+            raise OneGenError("model directory not found", file=path)
         meta = read_meta(path)
         if meta is not None:
             tokens = TokensConfig(**meta["tokens"])
