@@ -219,8 +219,10 @@ def _plot(result: dict[str, Any]) -> Any:
         ax[0].plot([r["batch"] for r in ref], [r["ceiling_tok_s"] for r in ref], color="grey", ls="--", label="HBM ceiling")
         ax[0].plot([r["batch"] for r in ref], [r["ceiling_kv_tok_s"] for r in ref], color="grey", ls="-.",
                    label="ceiling incl. KV")
-    ax[0].set(xscale="log", yscale="log", xlabel="batch", ylabel="generated tokens / s", title="Decoding with retrieval")
-    ax[0].legend(fontsize=7)
+    ax[0].set(xscale="log", yscale="log", xlabel="batch", ylabel="generated tokens / s",
+              title="Decoding with retrieval" + ("" if tp else " (not run)"))
+    if tp:
+        ax[0].legend(fontsize=7)
     lat = [r for r in rows if r["part"] == "latency"]
     for mode, marker in (("reencode", "o"), ("pipeline", "s")):
         for (a, n), color in zip(sorted({(r["new_tokens"], r["retrievals"]) for r in lat}), "bgrcmyk", strict=False):
@@ -231,11 +233,12 @@ def _plot(result: dict[str, Any]) -> Any:
                            label=f"{mode} {a} tok {n} ret")
                 ax[1].plot(xs, [r[f"{mode}_ideal"] for r in sel], ls=":", color=color)
     ax[1].set(xscale="log", xlabel="query (prompt) tokens", ylabel="t_onegen / t_baseline (dotted: ideal)",
-              title="Per-answer latency vs the ideal ratio")
-    ax[1].legend(fontsize=6)
+              title="Per-answer latency vs the ideal ratio" + ("" if lat else " (not run)"))
+    if lat:
+        ax[1].legend(fontsize=6)
     mem = [r for r in rows if r["part"] == "memory"]
     ax[2].bar([r["mode"] for r in mem], [r["peak_gb"] for r in mem], color="tab:green")
-    ax[2].set(ylabel="peak memory (GB)", title="Peak memory per mode")
+    ax[2].set(ylabel="peak memory (GB)", title="Peak memory per mode" + ("" if mem else " (not run)"))
     return fig
 
 
