@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from onegen.backends import FAISS_FILE, VECTORS_NPY, FlatBackend
 from onegen.config import ModelConfig, ScratchConfig, TokenizerConfig, TokenizerTrainConfig, TokensConfig
 from onegen.data import Corpus, Document
 from onegen.errors import OneGenError
-from onegen.index import FAISS_FILE, IDS_JSON, INDEX_JSON, VECTORS_NPY, FlatBackend, Index, SearchResult
+from onegen.index import IDS_JSON, INDEX_JSON, Index, SearchResult
 from onegen.model import OneGenModel
 
 EXACT = ["flat", "faiss-flat"]
@@ -100,13 +101,13 @@ def test_chunked_flat_equals_unchunked(data, k):
 def test_auto_chunks_equal_fixed_chunks(data, rows, monkeypatch):
     """`chunk_rows=None` takes `auto_chunk_rows`: whatever it gives (one chunk, ragged chunks, one row per
     chunk) the result is that of a fixed chunking."""
-    import onegen.index
+    import onegen.backends
 
     vectors, _, queries = data
     fixed = FlatBackend(chunk_rows=37)
     fixed.add(vectors)
     want = fixed.search(queries, 7)
-    monkeypatch.setattr(onegen.index, "_CPU_CHUNK_ROWS", rows)
+    monkeypatch.setattr(onegen.backends, "_CPU_CHUNK_ROWS", rows)
     auto = FlatBackend()
     auto.add(vectors)
     got = auto.search(queries, 7)
@@ -115,7 +116,7 @@ def test_auto_chunks_equal_fixed_chunks(data, rows, monkeypatch):
 
 
 def test_auto_chunk_rows_per_device():
-    from onegen.index import _MAX_BLOCK, auto_chunk_rows
+    from onegen.backends import _MAX_BLOCK, auto_chunk_rows
 
     assert auto_chunk_rows("cuda", 64) == 262_144 and auto_chunk_rows("cuda", 1) == _MAX_BLOCK
     assert auto_chunk_rows("cpu", 64) == auto_chunk_rows("cpu", 1) == 16_384

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from onegen.backends import FlatInt8Backend
 from onegen.errors import OneGenError
 from onegen.index import Index
 from onegen.padding import length_batches
-from onegen.quantized import FlatInt8Backend, quantize_int8
+from onegen.quantized import quantize_int8
 
 
 def _data(n: int, d: int, q: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

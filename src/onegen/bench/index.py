@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..index import make_backend
+from ..backends import make_backend
 from ..padding import pad_right
 from .common import (
     common_args,

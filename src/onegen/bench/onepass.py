@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
+from ..backends import make_backend
 from ..data import Document, Message
 from ..engine import Engine, GenerationResult
-from ..index import make_backend
 from ..model import OneGenModel
 from .common import PeakHeap, sync
 
