@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -219,6 +220,9 @@ def _rank_worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.barrier()  # both ranks done before either tears gloo down (else: "terminate called ...")
     finally:
         dist.destroy_process_group()
+    # done and saved: leave without interpreter teardown, where gloo's threads can still abort the process
+    # ("terminate called without an active exception", seen under load); a failure above still raises
+    os._exit(0)
 
 
 @pytest.fixture(scope="module")
