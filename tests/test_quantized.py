@@ -1,4 +1,4 @@
-"""Tests for the `flat-int8` backend (onegen.quantized) and token-budget embedding batches."""
+"""Tests for the `flat-int8` backend (onegen.backends, int8 arithmetic in onegen.quantized) and token-budget embedding batches."""
 
 from __future__ import annotations
 
