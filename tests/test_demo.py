@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from onegen import demo
+from onegen import demo, demo_minilm, demo_systems
 from onegen.data import Message, QAItem, read_corpus, read_samples
 from onegen.errors import OneGenError
 from onegen.model import OneGenModel
@@ -64,25 +64,25 @@ class _Recorder:
 
 def test_focused_retriever_queries():
     inner = _Recorder()
-    qa = demo.FocusedRetriever(inner, "multihop", ["Where was the founder of Velmora born?"])
+    qa = demo_systems.FocusedRetriever(inner, "multihop", ["Where was the founder of Velmora born?"])
     qa.retrieve(["Where was the founder of Velmora born?", "Where was the founder of Velmora born? ilsa brandt"], 1)
-    el = demo.FocusedRetriever(inner, "el", [])
+    el = demo_systems.FocusedRetriever(inner, "el", [])
     el.retrieve(["Link the entities: Orla met Ilsa. [ [ orla ] ] met [ [ ilsa brandt ] ]"], 1)
     assert inner.queries == ["Where was the founder of Velmora born?", "ilsa brandt", "ilsa brandt"]
 
 
 def test_gold_retriever_gives_each_hop_in_turn(corpus):
     item = QAItem("q", (Message("user", "Who?"),), ("x",), (("d1",), ("d2", "d3")))
-    gold = demo.GoldRetriever([item], corpus)
+    gold = demo_systems.GoldRetriever([item], corpus)
     assert gold.retrieve(["Who?"], 5)[0][0] == ["d1"]
     assert gold.retrieve(["Who? bridge"], 5)[0][0] == ["d2", "d3"]
 
 
 def test_minilm_weights_are_verified(monkeypatch):
-    assert (demo.minilm_dir() / "model.safetensors").is_file()
-    monkeypatch.setattr(demo, "MINILM_SHA256", "0" * 64)
+    assert (demo_minilm.minilm_dir() / "model.safetensors").is_file()
+    monkeypatch.setattr(demo_minilm, "MINILM_SHA256", "0" * 64)
     with pytest.raises(OneGenError, match="sha256"):
-        demo.minilm_dir()
+        demo_minilm.minilm_dir()
 
 
 def _tiny_bert(tokenizer, tokens) -> OneGenModel:
@@ -109,13 +109,13 @@ def test_warm_start_makes_the_bert_head_a_token_decoder(tiny_tokenizer, tokens, 
         return hits / total
 
     before = accuracy()
-    fit = demo.warm_start_lm_head(model, texts)
+    fit = demo_minilm.warm_start_lm_head(model, texts)
     assert fit > 0.5 and accuracy() > max(before, 0.5)
 
 
 def test_warm_start_leaves_other_heads_alone(fresh_model, world_texts):
     before = {k: v.clone() for k, v in fresh_model.state_dict().items()}
-    assert demo.warm_start_lm_head(fresh_model, world_texts[:5]) == -1.0
+    assert demo_minilm.warm_start_lm_head(fresh_model, world_texts[:5]) == -1.0
     assert all(torch.equal(v, fresh_model.state_dict()[k]) for k, v in before.items())
 
 
@@ -151,7 +151,7 @@ def test_links_survive_wordpiece_decoding(tokens):
     """BERT's tokenizer decodes `[[` as `[ [` and lowercases: the demo's EL links must still be found."""
     from onegen.tasks import extract_entities
 
-    model = OneGenModel.from_pretrained(demo.minilm_dir())
+    model = OneGenModel.from_pretrained(demo_minilm.minilm_dir())
     text = "Orla Venn spoke in Caldris."
     ids = model.renderer.encode_chunk("[[Orla Venn]]") + [model.ids.query]
     ids += model.renderer.encode_chunk(" spoke in [[Caldris]]") + [model.ids.query]
