@@ -440,7 +440,45 @@ def test_sliding_window_model_without_usable_masks_recomputes(corpus, monkeypatc
         assert isinstance(engine.new_stepper(2, 64), onegen.steppers.RecomputeStepper)
         _same_results(ref, engine.generate(QUESTIONS, **GEN))
     assert "recomputes" in caplog.text
-    assert onegen.steppers.own_masks(_model(0)) is None  # no window: the model's own masks
+
+
+def test_every_model_is_checked_with_holes_before_its_own_masks_are_trusted(corpus, monkeypatch):
+    """No window: the model's own masks, once they reproduce recomputation with holes; a model whose own
+    masks do not gets the stepper's 4-D masks (checked too), with the recomputed tokens."""
+    import onegen.steppers
+
+    assert onegen.steppers.own_masks(_model(0)) is None
+    real = onegen.steppers._masks_hold
+    monkeypatch.setattr(onegen.steppers, "_masks_hold", lambda m, masks: masks is not None and real(m, masks))
+    model = _model(0)
+    index = Index.build(model, corpus, progress=False)
+    assert onegen.steppers.own_masks(model) in (("bool", None), ("additive", None))
+    engine = Engine(model, index, corpus=corpus, fast=False)
+    assert isinstance(engine.new_stepper(2, 64), onegen.steppers.CachedStepper)
+    _same_results(Engine(model, index, corpus=corpus, use_cache=False).generate(QUESTIONS, **GEN),
+                  engine.generate(QUESTIONS, **GEN))
+
+
+def test_hybrid_layers_a_hole_would_change_are_recomputed(corpus, caplog):
+    """A family with short-convolution layers (LFM-style `layer_types: conv`): a hole in the shared cache
+    changes their state, so the check fails and the engine recomputes: batched equals one by one."""
+    import onegen.steppers
+
+    try:
+        model = _model(0, "lfm3", sliding_window=6)
+    except Exception as e:  # noqa: BLE001 - a transformers without this family
+        pytest.skip(f"lfm3 not buildable here: {e}")
+    assert "conv" in set(model.hf_model.config.layer_types)
+    index = Index.build(model, corpus, progress=False)
+    with caplog.at_level("WARNING"):
+        assert onegen.steppers.own_masks(model) == onegen.steppers.UNSUPPORTED
+    assert "recomputes" in caplog.text
+    engine = Engine(model, index, corpus=corpus, fast=False)
+    kw = {**GEN, "max_new_tokens": [30, 9, 22, 16]}
+    batched = engine.generate(QUESTIONS, **kw)
+    single = [engine.generate([q], **{**kw, "max_new_tokens": n})[0] for q, n in zip(QUESTIONS, kw["max_new_tokens"],
+                                                                                     strict=True)]
+    _same_results(single, batched)
 
 
 @pytest.mark.parametrize("kw", [{"top_k": 0}, {"max_new_tokens": 0}, {"max_new_tokens": [5, 0, 5, 5]},
