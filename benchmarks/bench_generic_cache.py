@@ -18,7 +18,7 @@ import time
 
 import torch
 
-import onegen.engine as engine_mod
+import onegen.steppers as stepping
 from onegen.bench.common import common_args, machine, sync, table, write_outputs
 from onegen.bench.inference import SIZES
 from onegen.bench.onepass import BigIndex, PoolCorpus, prompt_text, texts
@@ -27,8 +27,8 @@ from onegen.engine import Engine
 
 VARIANTS = {  # name -> (COMPACT_SLACK, SPLIT_MIN)
     "holes kept (0.2.0)": (10**12, 10**12),
-    "compaction": (engine_mod.COMPACT_SLACK, 10**12),
-    "compaction + split": (engine_mod.COMPACT_SLACK, engine_mod.SPLIT_MIN),
+    "compaction": (stepping.COMPACT_SLACK, 10**12),
+    "compaction + split": (stepping.COMPACT_SLACK, stepping.SPLIT_MIN),
 }
 COLUMNS = [("batch", "batch", "d"), ("variant", "variant", ""), ("seconds", "s / batch", ".2f"),
            ("tok_s", "tok/s", ".0f"), ("speedup", "x", ".2f"), ("columns", "cache cols", "d"),
@@ -44,14 +44,14 @@ def run(args: argparse.Namespace) -> dict:
     kw = {"max_new_tokens": args.new_tokens, "force_query_every": args.every, "ignore_eos": True,
           "max_retrievals": args.new_tokens // args.every, "top_k": 5}
     rows = []
-    defaults = (engine_mod.COMPACT_SLACK, engine_mod.SPLIT_MIN)
+    defaults = (stepping.COMPACT_SLACK, stepping.SPLIT_MIN)
     try:
         for batch in args.batches:
             prompts = [prompt_text(model, args.prompt_tokens + 3 * i, seed=i) for i in range(batch)]
             tokens = None
             for name, (slack, split) in VARIANTS.items():
-                engine_mod.COMPACT_SLACK, engine_mod.SPLIT_MIN = slack, split
-                eng = Engine(model, index, corpus=corpus, fast=False)
+                stepping.COMPACT_SLACK, stepping.SPLIT_MIN = slack, split
+                eng = Engine(model, index, corpus=corpus, fast=False, search_wait=0)  # one insert per step, as measured
                 steppers = []
                 new_stepper = eng.new_stepper
                 eng.new_stepper = lambda *a, f=new_stepper, s=steppers: s.append(f(*a)) or s[-1]
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> dict:
                 rows.append(row)
                 print(table([row], COLUMNS).splitlines()[1], flush=True)
     finally:
-        engine_mod.COMPACT_SLACK, engine_mod.SPLIT_MIN = defaults
+        stepping.COMPACT_SLACK, stepping.SPLIT_MIN = defaults
     return {"benchmark": "generic_cache", "rows": rows, "machine": machine(args.device), "args": vars(args)}
 
 

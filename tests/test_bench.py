@@ -82,3 +82,25 @@ def test_bench_train_and_index_write_their_files(tmp_path):
 
 def test_unknown_bench_is_refused(capsys):
     assert bench_main(["nothing"]) == 2
+
+
+def test_generic_cache_script_runs_and_its_variants_agree(tmp_path):
+    """benchmarks/bench_generic_cache.py (a script, not under `onegen bench`): it still runs against the
+    current modules, and its three cache variants give the same tokens."""
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "bench_generic_cache.py"
+    argv = sys.argv
+    sys.argv = [str(script), "--batches", "2", "--new-tokens", "16", "--every", "8", "--repeats", "1",
+                "--out", str(tmp_path)]
+    try:
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+    assert done.value.code in (0, None)
+    rows = json.loads((tmp_path / "generic_cache.json").read_text())["rows"]
+    assert len(rows) == 3 and all(r["same_tokens"] for r in rows)
