@@ -1,7 +1,7 @@
 """Decoding with retrieval (tok/s, overhead vs plain decoding) and per-answer latency onegen vs reencode
 vs pipeline, side by side in one run (`onegen bench inference --help` lists the options).
 
-    python benchmarks/bench_inference.py inference [--device cuda] [--size tiny|1b|7b] [--engine fast|generic|both]
+    python benchmarks/bench_inference.py [--device cuda] [--size tiny|1b|7b] [--engine fast|generic|both]
 
 Prints a table, writes benchmarks/results/inference.json and inference.png.
 """
@@ -11,4 +11,5 @@ import sys
 from onegen.bench import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:] or ["inference"]))
+    args = sys.argv[1:]
+    sys.exit(main(args if args[:1] == ["inference"] else ["inference", *args]))
