@@ -23,6 +23,7 @@ or build a `FastDecoder`, `warmup()` it and pass it as `fast=` (graphs captured 
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -99,6 +100,8 @@ class FastDecoder:
         self.replays = 0  # of which served by a captured graph
         self.mixed = 0  # of which carried decode tokens and inserted runs together
         self._forward_fn = torch.compile(self._forward, fullgraph=True) if compile else self._forward
+        if self.dtype != torch.float32:
+            _check_in_float32(model)  # the structure, where rounding cannot hide a difference
         self._probe()
 
     # -- public ---------------------------------------------------------------------------------
@@ -339,6 +342,44 @@ class FastDecoder:
                 raise FastPathUnsupported(f"the compact forward does not reproduce the model's {name} "
                                           f"(relative error {err:.2g}): a layer computes something else")
         self.kv, self.forwards = None, 0
+
+
+PROBE_LAYERS = 6  # layers of the float32 twin: enough for the usual per-layer patterns (sliding, NoPE)
+
+
+def _check_in_float32(model: OneGenModel) -> None:
+    """Refuse (FastPathUnsupported) a low-precision model whose structure the fast path does not compute.
+
+    In bf16 the compact forward and HF's differ by rounding (a few 1e-3), which can hide a real
+    difference of the same size (another RoPE layout, a residual multiplier, a layer without RoPE). So
+    the structure is checked on a float32 twin: the same class and config cut to its first
+    `PROBE_LAYERS` layers (per-layer config lists cut alike), with the model's own weights upcast, where
+    the probe's tolerance is 1e-4. The twin is dropped afterwards; the real model is not touched."""
+    hf = model.hf_model
+    cfg = copy.deepcopy(hf.config)
+    n = getattr(cfg, "num_hidden_layers", None)
+    if not isinstance(n, int) or n < 1:
+        raise FastPathUnsupported("the config does not say how many layers the decoder has")
+    k = min(n, PROBE_LAYERS)
+    for key, value in list(vars(cfg).items()):  # per-layer lists (layer_types, no_rope_layers, ...)
+        if isinstance(value, list) and len(value) == n:
+            setattr(cfg, key, value[:k])
+    cfg.num_hidden_layers = k
+    try:
+        with torch.device(model.device):
+            twin_lm = type(hf)(cfg).to(torch.float32)
+        state = {name: t for name, t in hf.state_dict().items() if name in twin_lm.state_dict()}
+        missing = set(twin_lm.state_dict()) - set(state)
+        twin_lm.load_state_dict(state, strict=False)  # copies upcast to float32
+    except Exception as e:  # noqa: BLE001 - any family that cannot be rebuilt this way is refused
+        raise FastPathUnsupported(f"the float32 check could not rebuild the model ({type(e).__name__}: {e})"
+                                  ) from None
+    if missing - {name for name in missing if name.endswith(("inv_freq", "original_inv_freq"))}:
+        raise FastPathUnsupported(f"the float32 check could not copy every weight ({sorted(missing)[:3]})")
+    twin = OneGenModel(twin_lm.eval(), model.tokenizer, model.tokens,
+                       doc_max_length=model.renderer.doc_max_length)
+    FastDecoder(twin, graphs=False)  # its probe, in float32; raises when the structure differs
+    del twin, twin_lm
 
 
 @dataclass
