@@ -524,3 +524,19 @@ def test_paragraph_tokens_are_cached_per_document_least_recent_out(model, index,
         got.append(-1)  # a caller's copy: the cache is not changed through it
     # d0, d1 tokenized; d0 hit; d2 evicts d1 (least recent); d1 again evicts d0; d0 again
     assert calls == [corpus[d].text for d in ("d0", "d1", "d2", "d1", "d0")]
+
+
+def test_a_retrieval_that_finds_nothing_inserts_an_empty_paragraph(model, corpus):
+    class Nothing:
+        def retrieve(self, texts, k):
+            return [([], []) for _ in texts]
+
+        def count_tokens(self, texts):
+            return 0
+
+    res = Engine(model, None, mode="pipeline", retriever=Nothing(), corpus=corpus).generate(QUESTIONS[:2], **GEN)
+    empty = model.renderer.encode_paragraph("")
+    for r in res:
+        assert len(r.retrievals) == 3 and all(e.doc_ids == [] for e in r.retrievals)
+        e = r.retrievals[0]
+        assert r.token_ids[e.position + 1:e.position + 1 + len(empty)] == empty

@@ -211,7 +211,8 @@ class Engine:
                 for i in self._retrieve(rows, queue.take(), offset, top_k, keep_vectors, callback):
                     r = rows[i]
                     if not link:
-                        para = self._paragraph(r.events[-1].doc_ids[0])
+                        found = r.events[-1].doc_ids  # a retriever may find nothing: an empty paragraph
+                        para = self._paragraph(found[0]) if found else m.renderer.encode_paragraph("")
                         r.stream += para
                         r.n_inserted += len(para)
                         r.feed, r.waiting = para, False
