@@ -1,8 +1,10 @@
 """One-pass generation: the model retrieves inside its own decode loop.
 
 Each row is a small state machine: it decodes; when it feeds `[RQ]`, the hidden state of that very
-forward step is its query vector (no second pass). Rows retrieving in the same step search the index
-as one batch. In insert mode the logits of the `[RQ]` step are discarded and `<paragraph>` document
+forward step is its query vector (no second pass). Queries are searched in batches: those of rows
+retrieving in the same step together, and, when rows retrieve at different steps, a query may wait a
+few steps for others while that costs less than another scan of the index (`_SearchQueue`; same
+tokens whatever the wait). In insert mode the logits of the `[RQ]` step are discarded and `<paragraph>` document
 `</paragraph>` is prefilled on top of the row's KV cache, the logits after `</paragraph>` picking the
 next token; in link mode (entity linking) the retrieved id is recorded and the `[RQ]` logits are used
 as usual. A row whose retrieval budget is spent cannot emit `[RQ]` again (masked).
