@@ -305,3 +305,24 @@ def test_leftovers_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
         tmp.mkdir()
     assert not any(d.exists() for d in stale)
     assert live.exists() and other.exists() and (tmp_path / "idx").is_dir()
+
+
+def test_a_retrieval_loss_without_candidates_is_refused(tmp_path):
+    """No hard negatives and no in-batch ones: each query's only candidate is its positive, InfoNCE is
+    log 1 = 0 and retrieval would silently learn nothing."""
+    path = _write(tmp_path / "c.yaml", "loss: {negatives: 0, in_batch_negatives: false}\n")
+    assert _error(path).field == "loss.negatives"
+    ok = _write(tmp_path / "ok.yaml", "loss: {negatives: 0, in_batch_negatives: false, retrieval_weight: 0}\n"
+                                      "data: {train: t.jsonl}\noutput_dir: r\n")
+    TrainConfig.from_yaml(ok)  # generation-only training needs no candidates
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without CUDA")
+def test_fp16_without_a_gpu_is_refused_not_run_in_float32(qa_world, tmp_path):
+    config = TrainConfig.from_dict({
+        "model": {"scratch": SCRATCH}, "tokenizer": {"train": {"vocab_size": 300}},
+        "data": {"train": qa_world["train"], "corpus": qa_world["corpus"]},
+        "train": {"max_steps": 1, "precision": "fp16"}, "output_dir": str(tmp_path / "run")})
+    with pytest.raises(OneGenError, match="fp16 needs a CUDA GPU") as e:
+        train(config, progress=False)
+    assert e.value.field == "train.precision" and not (tmp_path / "run").exists()

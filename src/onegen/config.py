@@ -139,6 +139,10 @@ class LossConfig:
             raise OneGenError("loss.lm_weight and loss.retrieval_weight must be >= 0 and not both 0 "
                               "(0 turns that objective off: generation-only or retrieval-only training)",
                               field="loss")
+        if self.retrieval_weight > 0 and self.negatives == 0 and not self.in_batch_negatives:
+            raise OneGenError("with loss.negatives 0 and loss.in_batch_negatives false a query has no candidate "
+                              "but its positive: the retrieval loss would be 0 and teach nothing; allow "
+                              "negatives, or set loss.retrieval_weight 0", field="loss.negatives")
 
 
 @dataclass

@@ -143,6 +143,9 @@ def _packs(model: OneGenModel) -> bool:
 
 
 def _precision(name: str) -> str:
+    if name == "fp16" and not torch.cuda.is_available():  # accelerate would run it in float32, silently
+        raise OneGenError("train.precision fp16 needs a CUDA GPU (loss scaling); on a CPU use bf16 or no",
+                          field="train.precision")
     if name != "auto":
         return name
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
@@ -343,6 +346,7 @@ def _train(config: TrainConfig, progress: bool | None) -> Path:
                 sums[k] += float(terms[k]) / (world if k != "retrieval_correct" else 1)
         if tc.max_grad_norm:
             accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]  # the rate this step ran at (logged below)
         optimizer.step()
         if not getattr(optimizer, "step_was_skipped", False):  # a step fp16 loss scaling skipped keeps its lr
             scheduler.step()
@@ -357,7 +361,7 @@ def _train(config: TrainConfig, progress: bool | None) -> Path:
         record = {"step": done, "epoch": round(done / per_epoch, 4), "lm_loss": sums["lm_loss"],
                   "retrieval_loss": sums["retrieval_loss"],
                   "retrieval_acc": sums["retrieval_correct"] / max(1.0, float(counts[1])),
-                  "lr": scheduler.get_last_lr()[0],
+                  "lr": lr,
                   "tokens_per_s": sums["tokens"] / max(time.perf_counter() - t0, 1e-9)}
         history.append(record)
         bar.update(1)
