@@ -24,6 +24,7 @@ or build a `FastDecoder`, `warmup()` it and pass it as `fast=` (graphs captured 
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 from dataclasses import dataclass
 
@@ -378,8 +379,13 @@ def _check_in_float32(model: OneGenModel) -> None:
         raise FastPathUnsupported(f"the float32 check could not copy every weight ({sorted(missing)[:3]})")
     twin = OneGenModel(twin_lm.eval(), model.tokenizer, model.tokens,
                        doc_max_length=model.renderer.doc_max_length)
-    FastDecoder(twin, graphs=False)  # its probe, in float32; raises when the structure differs
-    del twin, twin_lm
+    try:
+        FastDecoder(twin, graphs=False)  # its probe, in float32; raises when the structure differs
+    finally:
+        del twin, twin_lm
+        if model.device.type == "cuda":  # hand the twin's memory back: the KV cache is sized by what is free
+            gc.collect()
+            torch.cuda.empty_cache()
 
 
 @dataclass
