@@ -16,7 +16,8 @@ from onegen import fastpath
 from onegen.config import LoraConfig, ModelConfig, ScratchConfig, TokenizerConfig, TokensConfig
 from onegen.data import Corpus, Document, Message
 from onegen.engine import Engine
-from onegen.fastpath import FastDecoder, FastPathUnsupported, _FastStepper, unsupported_reason
+from onegen.fastpath import FastDecoder, FastPathUnsupported, unsupported_reason
+from onegen.faststep import FastStepper
 from onegen.index import Index
 from onegen.model import OneGenModel
 from onegen.steppers import CachedStepper
@@ -248,7 +249,7 @@ def test_sliding_window_must_cover_the_sequence(tok_dir):
     assert FastDecoder(model, required=False).stepper(2, 65) is None  # auto: the engine goes generic
     with pytest.raises(FastPathUnsupported, match="sliding window"):
         FastDecoder(model).stepper(2, 65)
-    assert isinstance(FastDecoder(model).stepper(2, 64), _FastStepper)
+    assert isinstance(FastDecoder(model).stepper(2, 64), FastStepper)
 
 
 @pytest.mark.slow

@@ -4,7 +4,9 @@ slot-based static KV cache, and the one-token decode step captured in CUDA graph
 Which models: decided from structure and config, never from architecture names (`fastlayout`: Llama,
 Mistral, Qwen2, Qwen3 and the like). Then it is *proved*: the compact forward must reproduce the HF
 forward's hidden states and logits on a probe sequence, so norm offsets, embedding multipliers and the
-like are refused, not silently wrong. A sliding window is accepted while the sequences fit in it.
+like are refused, not silently wrong; a bf16/fp16 model is first checked on a float32 twin of its first
+layers (`_check_in_float32`), where rounding cannot hide such a difference. A sliding window is
+accepted while the sequences fit in it. The engine's stepper and the shape buckets are in `faststep`.
 
 The cache is one tensor (L, 2, S, H_kv, T + 1, d) in the model dtype; row i of an engine batch owns
 slot i and a length. Every step is ONE forward over the layers (every weight read once), in one of two
@@ -32,13 +34,13 @@ import torch
 import torch.nn.functional as F
 
 from .fastlayout import FastPathUnsupported, layout, rms, run_layers
+from .faststep import BATCH_BUCKETS, FastStepper, batch_bucket, len_bucket, len_buckets, round_up
 from .model import OneGenModel
 
 __all__ = ["FastDecoder", "FastPathUnsupported", "fast_decoder", "unsupported_reason"]
 
 log = logging.getLogger(__name__)
 
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MAX_GRAPH_INSERTS = 8  # steps with more inserted runs than this run their (one) forward eagerly
 _PROBE = [5, 7, 11, 3, 2, 9, 13, 4]
 
@@ -90,7 +92,7 @@ class FastDecoder:
         self.model = model
         self.required = required
         self.mixed_steps = mixed
-        self.insert_width = _round_up(model.renderer.doc_max_length + 2, 16)  # every inserted run padded to it
+        self.insert_width = round_up(model.renderer.doc_max_length + 2, 16)  # every inserted run padded to it
         self.w = layout(model)
         self.device, self.dtype = model.device, model.dtype
         self.graphs = graphs and self.device.type == "cuda"
@@ -115,7 +117,7 @@ class FastDecoder:
         """Tokens a row can hold (prompt, generated and inserted)."""
         return 0 if self.kv is None else self.kv.shape[4] - 1
 
-    def stepper(self, n_rows: int, max_len: int | None = None) -> _FastStepper | None:
+    def stepper(self, n_rows: int, max_len: int | None = None) -> FastStepper | None:
         """A stepper for `n_rows` rows of at most `max_len` tokens each.
 
         `max_len` sizes the cache when there is none yet (or too few slots); an existing cache (e.g. from
@@ -130,13 +132,13 @@ class FastDecoder:
             return None
         if self.slots < n_rows:
             self.reserve(n_rows, need)
-        return _FastStepper(self, n_rows)
+        return FastStepper(self, n_rows)
 
     @torch.no_grad()
     def reserve(self, n_rows: int, max_len: int, min_len: int = 0) -> None:
         """Make room for `n_rows` slots of `max_len` tokens (keeps what the cache holds). On CUDA, `max_len`
         is cut to what fits in free memory, but never below `min_len`."""
-        slots, cap = max(_batch_bucket(n_rows), self.slots), max(_round_up(max_len, 128), self.capacity)
+        slots, cap = max(batch_bucket(n_rows), self.slots), max(round_up(max_len, 128), self.capacity)
         if slots == self.slots and cap == self.capacity:
             return
         old, self.kv = self.kv, None
@@ -149,7 +151,7 @@ class FastDecoder:
             fits = (max(free, 0) // per_column - 1) // 128 * 128
             if fits < cap:
                 log.info("KV cache: %d of the %d tokens asked for fit in GPU memory", fits, cap)
-                cap = max(fits, _round_up(min_len, 128), self.capacity)
+                cap = max(fits, round_up(min_len, 128), self.capacity)
         kv = torch.zeros((len(w.layers), 2, slots, w.n_kv, cap + 1, w.head_dim), dtype=self.dtype,
                          device=self.device)  # zeros: masked garbage must be finite (0 * NaN = NaN)
         if old is not None:
@@ -164,9 +166,9 @@ class FastDecoder:
         self.reserve(max(batch_sizes), max_len)
         if not self.graphs:
             return
-        for b in sorted({_batch_bucket(b) for b in batch_sizes}):
-            runs = sorted({_batch_bucket(p) for p in insert_rows if p < b}) if self.mixed_steps else []  # + 1 decoding
-            for t in _len_buckets(self.capacity):
+        for b in sorted({batch_bucket(b) for b in batch_sizes}):
+            runs = sorted({batch_bucket(p) for p in insert_rows if p < b}) if self.mixed_steps else []  # + 1 decoding
+            for t in len_buckets(self.capacity):
                 self._graph(b, 0, 0, t)
                 for p in runs:
                     self._graph(b, p, self.insert_width, t)
@@ -180,11 +182,11 @@ class FastDecoder:
         decode: slot -> (token, position) for the slots in [0, bb) that decode one token (the others idle);
         inserts: (slot, tokens, start) for rows feeding up to `insert_width` tokens, written from `start`.
         Returns hidden (bb + I, D) and logits (bb + I, V): slot s at row s, insert j at row bb + j."""
-        p = _batch_bucket(len(inserts)) if inserts else 0
+        p = batch_bucket(len(inserts)) if inserts else 0
         w = self.insert_width if inserts else 0
         need = max([q + 1 for _, q in decode.values()] + [s + len(f) for _, f, s in inserts] + [1])
         inputs = torch.tensor(self._pack(bb, p, w, decode, inserts), dtype=torch.long)  # one copy to the device
-        tb = _len_bucket(need, self.capacity)
+        tb = len_bucket(need, self.capacity)
         self.forwards += 1
         self.mixed += bool(inserts)
         if not (self.graphs if graphs is None else graphs) or p > MAX_GRAPH_INSERTS:
@@ -394,77 +396,3 @@ class _Graph:
     inputs: torch.Tensor  # (3, bb): tokens, write positions, attended lengths
     hidden: torch.Tensor
     logits: torch.Tensor
-
-
-class _FastStepper:
-    """The engine's stepper on the fast path: row i lives in slot i; same interface as `steppers.CachedStepper`."""
-
-    def __init__(self, decoder: FastDecoder, n_rows: int):
-        self.decoder = decoder
-        self.lengths = [0] * n_rows  # tokens in each row's slot
-
-    @torch.no_grad()
-    def step(self, feeds: list[list[int]], histories: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Process each row's new tokens; returns the last-position hidden (B, D) and logits (B, V)."""
-        dec, n = self.decoder, len(feeds)
-        need = max(length + len(f) for length, f in zip(self.lengths, feeds, strict=True))
-        if need > dec.capacity:
-            if dec.w.window is not None and need > dec.w.window:
-                raise FastPathUnsupported(f"a row outgrew the sliding window ({need} > {dec.w.window} tokens)")
-            dec.reserve(n, max(need, 2 * dec.capacity), min_len=need)  # geometric: few re-captures
-        parts: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
-        one = [i for i, f in enumerate(feeds) if len(f) == 1]
-        many = [i for i, f in enumerate(feeds) if len(f) > 1]
-        joined = [i for i in many if len(feeds[i]) <= dec.insert_width] if one and dec.mixed_steps else []
-        alone = [i for i in many if i not in joined]
-        # 1. rows feeding one token, and inserted paragraphs with them: ONE forward over slots [0, bb)
-        if one:
-            bb = _batch_bucket(max(one + joined) + 1)  # the joined rows' slots too: fewer shapes to capture
-            hidden, logits = dec.run(bb, {i: (feeds[i][0], self.lengths[i]) for i in one},
-                                     [(i, feeds[i], self.lengths[i]) for i in joined])
-            if len(one) == n:  # the common step: every row decodes (copies: graph outputs get overwritten)
-                self._advance(feeds)
-                return hidden[:n].clone(), logits[:n].clone()
-            rows = torch.tensor(one + list(range(bb, bb + len(joined))), device=hidden.device)
-            parts.append((one + joined, hidden[rows], logits[rows]))
-        # 2. rows feeding more (prompts; paragraphs too when no row decodes or `mixed` is off): prefilled
-        if alone:
-            hidden, logits = dec.prefill(alone, [feeds[i] for i in alone], [self.lengths[i] for i in alone])
-            parts.append((alone, hidden, logits))
-        self._advance(feeds)
-        d, v = parts[0][1].shape[-1], parts[0][2].shape[-1]
-        out_hidden = parts[0][1].new_zeros((n, d))
-        out_logits = parts[0][2].new_zeros((n, v))
-        for idx, hidden, logits in parts:
-            index = torch.tensor(idx, device=hidden.device)
-            out_hidden.index_copy_(0, index, hidden)
-            out_logits.index_copy_(0, index, logits)
-        return out_hidden, out_logits
-
-    def _advance(self, feeds: list[list[int]]) -> None:
-        for i, f in enumerate(feeds):
-            self.lengths[i] += len(f)
-
-
-def _batch_bucket(n: int) -> int:
-    return next((b for b in BATCH_BUCKETS if b >= n), _round_up(n, BATCH_BUCKETS[-1]))
-
-
-def _round_up(n: int, to: int) -> int:
-    return max(to, -(-n // to) * to)
-
-
-def _len_bucket(need: int, capacity: int) -> int:
-    """Cache columns a decode step attends over: a power of two from 128, at most the capacity."""
-    b = 128
-    while b < need:
-        b *= 2
-    return min(b, capacity)
-
-
-def _len_buckets(capacity: int) -> list[int]:
-    out, b = [], 128
-    while b < capacity:
-        out.append(b)
-        b *= 2
-    return out + [capacity]
