@@ -351,7 +351,9 @@ def test_search_queue_rent_or_buy():
         assert not q.due(rows)
         q.wait(rows)
     assert q.due(rows)  # the cap bounds a row's wait
-    q = queue(0, link=True)  # link mode: rows do not idle, queries wait for free up to the cap
+    q = queue(0, link=True)  # link mode: rows do not idle; "auto" searches at once (retrievals stream)
+    assert q.due(_rows(0, 4))
+    q = queue(0, link=True, wait=2)  # an explicit wait holds them, to share scans
     assert not q.due(_rows(0, 4))
     assert queue(10**9, wait=0).due(rows) and not queue(0, wait=2).due(rows)
     q.take()
@@ -540,3 +542,20 @@ def test_a_retrieval_that_finds_nothing_inserts_an_empty_paragraph(model, corpus
         assert len(r.retrievals) == 3 and all(e.doc_ids == [] for e in r.retrievals)
         e = r.retrievals[0]
         assert r.token_ids[e.position + 1:e.position + 1 + len(empty)] == empty
+
+
+@pytest.mark.parametrize("wait", ["auto", 0, 2])
+def test_link_mode_callbacks_report_each_retrieval_before_the_row_is_done(model, index, corpus, wait):
+    """Every retrieval event of a row comes before its done event; searching at once (auto, 0) it comes
+    right after the [RQ] token's event, before the next token's."""
+    events = []
+    res = Engine(model, index, corpus=corpus, search_wait=wait).generate(
+        QUESTIONS, link=True, callback=events.append, **{**GEN, "max_new_tokens": [22, 7, 15, 8]})
+    for row, r in enumerate(res):
+        mine = [e for e in events if e["row"] == row]
+        kinds = [e["type"] for e in mine]
+        assert kinds.count("retrieval") == len(r.retrievals) > 0 and kinds[-1] == "done"
+        if wait != 2:
+            for k, e in enumerate(mine):
+                if e["type"] == "token" and e["token_id"] == model.ids.query and mine[k + 1]["type"] != "done":
+                    assert mine[k + 1]["type"] == "retrieval"  # (a final [RQ] is never fed: no retrieval)

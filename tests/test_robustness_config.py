@@ -295,16 +295,20 @@ def test_leftovers_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()
-    stale = [tmp_path / f".idx.{dead}.k2j4.tmp", tmp_path / f".idx.old-{dead}"]
-    live = tmp_path / f".idx.{os.getppid()}.a1b2.tmp"
-    other = tmp_path / f".other.{dead}.x.tmp"  # another path's: not this write's business
-    for d in [*stale, live, other]:
+    from onegen.io import _WRITER
+
+    stale = [tmp_path / f".idx.{_WRITER}-{dead}.k2j4ab_9.tmp", tmp_path / f".idx.old-{dead}"]
+    live = tmp_path / f".idx.{_WRITER}-{os.getppid()}.a1b2cd3e.tmp"
+    other = tmp_path / f".other.{_WRITER}-{dead}.x1y2z3w4.tmp"  # another path's: not this write's business
+    sibling = tmp_path / f".idx.{dead}.json.{_WRITER}-{dead}.abcdefgh.tmp"  # target "idx.<n>.json"'s temporary
+    remote = tmp_path / f".idx.elsewhere-{dead}.abcdefgh.tmp"  # another machine's writer (a shared directory)
+    for d in [*stale, live, other, sibling, remote]:
         d.mkdir()
         (d / "vectors.npy").write_bytes(b"0" * 10)
     with atomic_path(tmp_path / "idx") as tmp:
         tmp.mkdir()
     assert not any(d.exists() for d in stale)
-    assert live.exists() and other.exists() and (tmp_path / "idx").is_dir()
+    assert live.exists() and other.exists() and sibling.exists() and remote.exists() and (tmp_path / "idx").is_dir()
 
 
 def test_a_retrieval_loss_without_candidates_is_refused(tmp_path):

@@ -200,15 +200,10 @@ class Engine:
                 queue.add(i, len(r.stream) - 1, None if vecs is None else vecs[n])
                 r.queued += 1
                 r.feed, r.waiting = ([], True) if not link else (r.feed, False)
-            # 3. every live row that is not waiting decodes a token: all picked at once, one transfer
-            decoding = [i for i, r in enumerate(rows) if not r.done and not r.waiting]
-            if decoding:
-                no_rq = [len(rows[i].events) + rows[i].queued >= max_retrievals for i in decoding]
-                tokens = select(logits, decoding, no_rq, [rows[i].generator for i in decoding])
-                for i, tok, spent in zip(decoding, tokens, no_rq, strict=True):
-                    self._take(rows[i], offset + i, tok, spent, force_every, stop, callback)
-            # 4. the queued queries are searched as one batch now, or wait a step; (insert mode) rows
-            #    whose query was searched feed their paragraph next
+            # 3. the queued queries are searched as one batch now, or wait a step; (insert mode) rows whose
+            #    query was searched feed their paragraph next. Before decoding: in link mode a row's
+            #    retrieval comes before the token after its [RQ]
+            inserted: set[int] = set()
             if queue.due(rows):
                 for i in self._retrieve(rows, queue.take(), offset, top_k, keep_vectors, callback):
                     r = rows[i]
@@ -218,9 +213,24 @@ class Engine:
                         r.stream += para
                         r.n_inserted += len(para)
                         r.feed, r.waiting = para, False
+                        inserted.add(i)
             else:
                 queue.wait(rows)
-        if queue.items:  # link mode: queries of rows that finished meanwhile
+            # 4. every other live row that is not waiting decodes a token: all picked at once, one transfer
+            decoding = [i for i, r in enumerate(rows) if not r.done and not r.waiting and i not in inserted]
+            if decoding:
+                no_rq = [len(rows[i].events) + rows[i].queued >= max_retrievals for i in decoding]
+                tokens = select(logits, decoding, no_rq, [rows[i].generator for i in decoding])
+                for i, tok, spent in zip(decoding, tokens, no_rq, strict=True):
+                    self._take(rows[i], offset + i, tok, spent, force_every, stop, callback)
+                # 5. rows that just finished: queries they still hold (link mode, held by search_wait=N)
+                #    are searched first, so that a row's retrievals are all reported before it is done
+                finished = [i for i in decoding if rows[i].done]
+                if any(rows[i].queued for i in finished):
+                    self._retrieve(rows, queue.take(), offset, top_k, keep_vectors, callback)
+                for i in finished if callback else ():
+                    callback({"row": offset + i, "type": "done", "finish_reason": rows[i].finish})
+        if queue.items:  # nothing should be left (step 5); searched all the same
             self._retrieve(rows, queue.take(), offset, top_k, keep_vectors, callback)
         m.train(was_training)
         return [self._result(r, link) for r in rows]
@@ -237,9 +247,7 @@ class Engine:
         if callback:
             callback({"row": row, "type": "token", "token_id": tok,
                       "text": m.tokenizer.decode([tok], skip_special_tokens=False)})
-        self._maybe_finish(r, tok, r.max_new, stop)
-        if r.done and callback:
-            callback({"row": row, "type": "done", "finish_reason": r.finish})
+        self._maybe_finish(r, tok, r.max_new, stop)  # the loop reports "done" (after the row's retrievals)
 
     def _retrieve(self, rows: list[_Row], queries: list[tuple[int, int, torch.Tensor | None]], offset: int,
                   top_k: int, keep_vectors: bool, callback: Callable[[dict[str, Any]], None] | None) -> list[int]:
@@ -360,13 +368,15 @@ class _SearchQueue:
     the price of one scan (rent or buy), in bytes read: a scan reads `scan_bytes`, a step the weights
     and the live rows' KV cache. So a row alone never waits (its whole step outweighs a scan), a small
     index is searched at once, and with many rows a few queries share each scan. In link mode rows do
-    not idle (nothing is inserted): queries wait for free, up to `SEARCH_MAX_WAIT` steps or the end.
-    `wait=N` holds queries up to N steps; 0 searches at once. Every rule searches when no live row
+    not idle (nothing is inserted) and "auto" searches at once, so retrievals stream as they happen.
+    `wait=N` holds queries up to N steps (in link mode too); 0 searches at once. Every rule searches when no live row
     could run meanwhile. Vectors do not change while they wait: the tokens are the same either way.
     """
 
     def __init__(self, wait: int | str, scan_bytes: int, link: bool, weight_bytes: int, kv_per_token: int):
-        self.cap = SEARCH_MAX_WAIT if wait == "auto" else int(wait)
+        # link mode: nothing is inserted, rows do not idle; "auto" searches at once so that retrievals
+        # stream as they happen (an explicit N may hold them, to share scans)
+        self.cap = (0 if link else SEARCH_MAX_WAIT) if wait == "auto" else int(wait)
         self.auto = wait == "auto" and not link
         self.scan_bytes, self.weight_bytes, self.kv_per_token = scan_bytes, weight_bytes, kv_per_token
         self.items: list[tuple[int, int, torch.Tensor | None]] = []  # (row, position of [RQ], vector)

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -92,7 +93,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(path)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)) / "x"
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_WRITER}-{os.getpid()}.", suffix=".tmp",
+                                    dir=path.parent)) / "x"
     except OSError as e:
         raise OneGenError(f"cannot write here ({e.strerror or e})", file=str(path)) from None
     try:
@@ -113,10 +115,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
+_WRITER = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"  # this machine, in temp names
+
+
 def _remove_stale(path: Path) -> None:
-    """Remove what writers of `path` killed mid-write left beside it (`.NAME.PID.*.tmp`, `.NAME.old-PID`),
-    when that process is gone; a live writer's (another process writing the same path) is left alone."""
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)\.[^/]*\.tmp|old-(\d+))")
+    """Remove what writers of `path` on this machine killed mid-write left beside it
+    (`.NAME.HOST-PID.XXXXXXXX.tmp`, `.NAME.old-PID`), when that process is gone. A live writer's is left
+    alone, as is anything written from another machine (a shared directory: its pids mean nothing here)
+    or belonging to another target (`NAME.2.json`'s temporaries do not match `NAME`'s pattern)."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:{re.escape(_WRITER)}-(\d+)\.[a-z0-9_]{{8}}\.tmp"
+                         rf"|old-(\d+))")
     try:
         entries = list(path.parent.iterdir())
     except OSError:

@@ -217,8 +217,11 @@ def own_masks(model: OneGenModel) -> tuple[str, Any] | str | None:
     window = sliding_window(cfg)
     types = set(getattr(cfg, "layer_types", None) or [])
     sliding = window is not None and (not types or "sliding_attention" in types)
-    result: tuple[str, Any] | str | None = None if not sliding and _masks_hold(model, None) else UNSUPPORTED
-    if result == UNSUPPORTED and types <= {"full_attention", "sliding_attention"}:
+    known = types <= {"full_attention", "sliding_attention"}  # others (chunked, linear, ...): a short
+    #                                                         check could pass before their limit bites
+    result: tuple[str, Any] | str | None = \
+        None if known and not sliding and _masks_hold(model, None) else UNSUPPORTED
+    if result == UNSUPPORTED and known:
         kind = model.packing_mask_kind()
         if kind in ("bool", "additive"):
             w = window if sliding else None
