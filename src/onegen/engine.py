@@ -126,6 +126,7 @@ class Engine:
         self.search_wait = search_wait
         self._eos = sorted(_eos_ids(model))  # looked up once, not per generated token
         self._paragraphs: dict[str, list[int]] = {}  # doc id -> inserted tokens, least recent first
+        self._step_bytes = (model.weight_bytes(), model.kv_bytes_per_token())  # the search queue's cost model
         self.stats = {"generator_tokens": 0, "reencode_tokens": 0, "retriever_tokens": 0, "forwards": 0,
                       "searches": 0, "queries": 0}
 
@@ -183,7 +184,7 @@ class Engine:
         needs_history = getattr(stepper, "needs_history", False)  # only recomputation re-reads whole rows
         select = TokenSelector(m, self._eos, do_sample, temperature, top_p, force_every is not None, ignore_eos)
         scan = getattr(self.retriever if self.mode == "pipeline" else self.index, "scan_bytes", 0)
-        queue = _SearchQueue(self.search_wait, scan, link, m.weight_bytes(), m.kv_bytes_per_token())
+        queue = _SearchQueue(self.search_wait, scan, link, *self._step_bytes)
         while not all(r.done for r in rows):
             # 1. one forward over every row's pending tokens (waiting rows feed nothing)
             hidden, logits = stepper.step([r.feed if not r.done else [] for r in rows],

@@ -371,8 +371,9 @@ def _check_in_float32(model: OneGenModel) -> None:
     try:
         with torch.device(model.device):
             twin_lm = type(hf)(cfg).to(torch.float32)
-        state = {name: t for name, t in hf.state_dict().items() if name in twin_lm.state_dict()}
-        missing = set(twin_lm.state_dict()) - set(state)
+        wanted = set(twin_lm.state_dict())
+        state = {name: t for name, t in hf.state_dict().items() if name in wanted}
+        missing = wanted - set(state)
         twin_lm.load_state_dict(state, strict=False)  # copies upcast to float32
     except Exception as e:  # noqa: BLE001 - any family that cannot be rebuilt this way is refused
         raise FastPathUnsupported(f"the float32 check could not rebuild the model ({type(e).__name__}: {e})"

@@ -197,7 +197,6 @@ def _resume(accelerator, run_dir: Path) -> int:
         if accelerator.is_main_process:
             for path, _ in bad:
                 _set_aside(path)
-        if accelerator.is_main_process:
             log.warning("resuming from %s (step %d)", ckpt, step)
         return step
     if bad:
