@@ -193,6 +193,19 @@ def test_stop_strings(model, index, corpus):
     assert stopped.finish_reason == "stop" and stopped.n_generated <= 3
 
 
+def test_generation_stops_on_the_token_that_ends_a_turn(model, index, corpus, monkeypatch):
+    """A chat template's end-of-turn token (`<|im_end|>`, not eos) stops a row, and is not in the text."""
+    free = Engine(model, index, corpus=corpus).generate(QUESTIONS[:1], max_new_tokens=12, ignore_eos=True)[0]
+    ours = {model.ids.query, model.ids.doc, model.ids.open, model.ids.close, model.ids.eos, model.ids.pad}
+    k = next(i for i, t in enumerate(free.token_ids) if i >= 2 and t not in ours and t not in free.token_ids[:i])
+    end = free.token_ids[k]
+    monkeypatch.setattr(model.renderer, "end_of_turn_ids", lambda: {end})
+    res = Engine(model, index, corpus=corpus).generate(QUESTIONS[:1], max_new_tokens=12)[0]
+    assert res.finish_reason == "eos" and res.token_ids == free.token_ids[: k + 1]
+    assert res.text == model.tokenizer.decode(free.token_ids[:k], skip_special_tokens=False,
+                                              clean_up_tokenization_spaces=False)
+
+
 def test_pipeline_mode_counts_retriever_tokens(model, corpus):
     other = _model(1)
     r_index = Index.build(other, corpus, progress=False)

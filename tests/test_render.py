@@ -290,3 +290,17 @@ def test_data_show_command(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines(keepends=True)
     assert out[0].startswith("# q1 (") and "1 retrieval" in out[0]
     assert "".join(out[1:]) == GOLDEN_BUILTIN + "\n"
+
+
+def test_the_token_that_closes_a_trained_turn_is_where_generation_stops(tiny_tokenizer, tokens):
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]}, replace_extra_special_tokens=False)
+    tok.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    chat = Renderer(tok, tokens, max_length=512)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert end != tok.eos_token_id and chat.end_of_turn_ids() == {end}
+    r = chat.render(contract_sample())
+    ends = [i for i, t in enumerate(r.input_ids) if t == end]  # the user's turn, then the assistant's
+    assert [r.lm_labels[i] for i in ends] == [IGNORE_INDEX, end]  # trained: the model learns to emit it
+    assert Renderer(tiny_tokenizer, tokens).end_of_turn_ids() == {tiny_tokenizer.eos_token_id}

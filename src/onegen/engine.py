@@ -124,7 +124,8 @@ class Engine:
                                           and search_wait >= 0)):
             raise ValueError(f"search_wait must be 'auto' or an int >= 0, got {search_wait!r}")
         self.search_wait = search_wait
-        self._eos = sorted(_eos_ids(model))  # looked up once, not per generated token
+        self._eos = sorted(_eos_ids(model) | model.renderer.end_of_turn_ids())  # looked up once, not per token
+        self._answer_ends = _answer_ends(model)
         self._paragraphs: dict[str, list[int]] = {}  # doc id -> inserted tokens, least recent first
         self._step_bytes = (model.weight_bytes(), model.kv_bytes_per_token())  # the search queue's cost model
         self.stats = {"generator_tokens": 0, "reencode_tokens": 0, "retriever_tokens": 0, "forwards": 0,
@@ -350,7 +351,7 @@ class Engine:
         for s in (m.tokenizer.pad_token, m.tokenizer.eos_token):
             if s:
                 text = text.replace(s, "")
-        answer = "" if link else extract_answer(text, m.tokens)
+        answer = "" if link else extract_answer(text, m.tokens, self._answer_ends)
         return GenerationResult(text, answer, r.events, r.stream, r.n_generated, r.n_inserted, r.finish)
 
 
@@ -419,6 +420,13 @@ def _eos_ids(m: OneGenModel) -> set[int]:
     elif isinstance(cfg_eos, list):
         ids.update(cfg_eos)
     return ids
+
+
+def _answer_ends(m: OneGenModel) -> tuple[str, ...]:
+    """Special token strings that end an answer: the tokenizer's own, except onegen's and unk (an
+    unknown character inside the answer)."""
+    skip = {*m.tokens.strings(), m.tokenizer.unk_token}
+    return tuple(t for t in m.tokenizer.all_special_tokens if t and t not in skip)
 
 
 def _as_messages(prompt: Any) -> list[Message]:

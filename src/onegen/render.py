@@ -231,6 +231,17 @@ class Renderer:
             if i < len(ids) and ids[i] in self._special_ids and ids[i] not in ours:
                 roles[i] = GEN
 
+    def end_of_turn_ids(self) -> set[int]:
+        """The special tokens that close an assistant turn, as training teaches the model to emit them
+        (a chat template's `<|im_end|>`, `<|eot_id|>`, ...; eos with the built-in format): generation
+        stops on them."""
+        messages = (Message("user", "q"), Message("assistant", "a"))
+        text, spans = self.conversation_text(messages, add_generation_prompt=False)
+        ids, roles, starts = self._tokenize(text, spans)
+        self._mark_end_of_turn(spans, ids, roles, starts)
+        ends = {bisect.bisect_left(starts, end) for _, end in spans}
+        return {ids[i] for i in ends if i < len(ids) and roles[i] == GEN}
+
     def _truncate(self, r: Rendered, sample: Sample) -> Rendered | None:
         if len(r) <= self.max_length:
             return r

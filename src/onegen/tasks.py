@@ -9,6 +9,7 @@ text back to character offsets of the input.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from .config import TokensConfig
@@ -46,20 +47,27 @@ class Mention:
 def extract_entities(input_text: str, output: str, tokens: TokensConfig) -> list[Mention]:
     """Map marked mentions in the generated `output` back to character offsets of `input_text`.
 
-    Each `[[m]]` followed by a query token is located in the input (in order, after the previous
-    mention); the k-th such mention belongs to the k-th retrieval event. Mentions that cannot be found
-    in the input are skipped (their retrieval index is still consumed).
+    The k-th query token of the output is the k-th retrieval event; it links a mention when the text
+    just before it (since the previous query token) ends with `[[m]]`. The output is the input written
+    back with markup, so a mention is looked for where the copy puts it: both texts are folded (case,
+    accents, whitespace: tokenizers that lowercase or split punctuation decode "Jean-Luc" as
+    "jean - luc") and the occurrence of `m` nearest that place, after the previous mention, wins; a
+    repeated name links the right occurrence. Mentions not found in the input are skipped.
     """
-    pattern = re.compile(_spaced(MENTION_OPEN) + r"(.+?)" + _spaced(MENTION_CLOSE) + r"\s*" + re.escape(tokens.query))
-    mentions, cursor = [], 0
-    for k, m in enumerate(pattern.finditer(output)):
-        surface = m.group(1).strip()
-        found = _find(input_text, surface, cursor)
-        if found is None:
+    folded_input, origin = _fold(input_text)
+    mentions, cursor, segment_start = [], 0, 0
+    for k, q in enumerate(re.finditer(re.escape(tokens.query), output)):
+        marked = _MARKED_AT_END.search(output, segment_start, q.start())
+        segment_start = q.end()
+        if marked is None:
             continue
-        start, end = found
-        mentions.append(Mention(start, end, k))
-        cursor = end
+        surface, _ = _fold(marked.group(1))
+        expected = len(_fold(_unmarked(output[: marked.start()], tokens))[0])
+        at = _nearest(folded_input, surface, expected, cursor)
+        if at is None:
+            continue
+        cursor = at + len(surface)
+        mentions.append(Mention(origin[at], origin[cursor - 1] + 1, k))
     return mentions
 
 
@@ -69,22 +77,59 @@ def _spaced(marker: str) -> str:
     return r"\s*".join(re.escape(c) for c in marker)
 
 
-def _find(text: str, surface: str, start: int) -> tuple[int, int] | None:
-    i = text.find(surface, start)
-    if i < 0:
-        i = text.lower().find(surface.lower(), start)  # tokenizers that lowercase
-    if i < 0:
+_OPEN_RE, _CLOSE_RE = _spaced(MENTION_OPEN), _spaced(MENTION_CLOSE)
+# `[[m]]` right at the end of a span of text; m holds no marker (an unclosed `[[` cannot swallow the
+# next mention).
+_MARKED_AT_END = re.compile(_OPEN_RE + r"((?:(?!" + _OPEN_RE + "|" + _CLOSE_RE + r").)+)" + _CLOSE_RE + r"\s*$",
+                            re.DOTALL)
+
+
+def _unmarked(text: str, tokens: TokensConfig) -> str:
+    """`text` without mention markers and onegen's token strings: what the copy of the input says."""
+    for t in tokens.strings():
+        text = text.replace(t, "")
+    return re.sub(_OPEN_RE + "|" + _CLOSE_RE, "", text)
+
+
+def _fold(text: str) -> tuple[str, list[int]]:
+    """`text` folded for matching (accents and whitespace dropped, lower case), and the index in
+    `text` of the character each folded character comes from."""
+    folded, origin = [], []
+    for i, ch in enumerate(text):
+        for c in unicodedata.normalize("NFKD", ch):
+            for f in c.lower():
+                if not (unicodedata.combining(f) or f.isspace()):
+                    folded.append(f)
+                    origin.append(i)
+    return "".join(folded), origin
+
+
+def _nearest(text: str, sub: str, expected: int, start: int) -> int | None:
+    """The index of the occurrence of `sub` in `text` at or after `start` that is nearest `expected`."""
+    if not sub:
         return None
-    return i, i + len(surface)
+    best, i = None, text.find(sub, start)
+    while i >= 0:
+        if best is None or abs(i - expected) < abs(best - expected):
+            best = i
+        if i > expected:
+            break
+        i = text.find(sub, i + 1)
+    return best
 
 
 def qa_prompt(item: QAItem) -> list[Message]:
     return list(item.messages)
 
 
-def extract_answer(output: str, tokens: TokensConfig) -> str:
-    """The answer: generated text after the last paragraph, without special tokens."""
+def extract_answer(output: str, tokens: TokensConfig, end_marks: tuple[str, ...] = ()) -> str:
+    """The answer: generated text after the last paragraph, cut at the first of `end_marks` (the
+    tokenizer's other special tokens: chat markup after a turn that did not stop), without onegen's
+    token strings and with whitespace collapsed."""
     tail = output.rsplit(tokens.close, 1)[-1]
+    cuts = [i for i in (tail.find(mark) for mark in end_marks if mark) if i >= 0]
+    if cuts:
+        tail = tail[: min(cuts)]
     for t in tokens.strings():
         tail = tail.replace(t, " ")
     return " ".join(tail.split())
