@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 from conftest import CONTRACT_DOC, CONTRACT_SAMPLE, write_jsonl
 
-from onegen.data import Corpus, Document, read_corpus, read_el_items, read_qa_items, read_samples
+from onegen.data import (
+    Corpus,
+    Document,
+    read_corpus,
+    read_el_items,
+    read_eval_items,
+    read_qa_items,
+    read_samples,
+)
 from onegen.errors import OneGenError
 
 RQ, OPEN, CLOSE = "[RQ]", "<paragraph>", "</paragraph>"
@@ -259,3 +267,10 @@ def test_qa_items(tmp_path, corpus):
 def test_qa_item_errors(tmp_path, corpus, row, field):
     path = write_jsonl(tmp_path / "qa.jsonl", [row])
     _assert_where(_error(read_qa_items, path, corpus), path, 1, field)
+
+
+def test_nested_gold_spans_are_evaluation_input_but_not_training_data():
+    path = Path(__file__).parent / "data" / "bad" / "el_overlap.jsonl"
+    assert [len(i.entities) for i in read_eval_items(path, "el")] == [2, 2]
+    with pytest.raises(OneGenError, match="el_overlap.jsonl:2 field 'entities'.*overlap"):
+        read_el_items(path)

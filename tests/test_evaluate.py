@@ -128,8 +128,9 @@ def test_missing_predictions_lists_count_and_ids(tmp_path):
     ({"id": "q1", "answers": "Paris"}, "answers"),
     ({"id": "q1", "answers": []}, "answers"),
     ({"id": "q1", "answers": ["a"], "gold_docs": ["d1"]}, "gold_docs"),  # must be one list per hop
-    ({"id": "q1", "answers": ["a"], "gold_docs": [["d1"], []]}, "gold_docs[1]"),
-    ({"id": 7, "answers": ["a"]}, "id"),
+    ({"id": "q1", "answers": ["a"], "gold_docs": [["d1"], [None]]}, "gold_docs[1]"),
+    ({"id": 7.5, "answers": ["a"]}, "id"),
+    ({"id": True, "answers": ["a"]}, "id"),
 ])
 def test_bad_qa_gold_field(tmp_path, row, field):
     gold, pred = _qa_files(tmp_path, [row], [{"id": "q1", "answer": "a"}])
@@ -142,7 +143,7 @@ def test_bad_qa_gold_field(tmp_path, row, field):
     ({"id": "q1"}, "answer"),
     ({"id": "q1", "answer": "a", "retrievals": {"doc_ids": []}}, "retrievals"),
     ({"id": "q1", "answer": "a", "retrievals": [{"scores": [1.0]}]}, "retrievals[0]"),
-    ({"id": "q1", "answer": "a", "retrievals": [{"doc_ids": [3]}]}, "retrievals[0].doc_ids"),
+    ({"id": "q1", "answer": "a", "retrievals": [{"doc_ids": [3.0]}]}, "retrievals[0].doc_ids"),
 ])
 def test_bad_qa_pred_field(tmp_path, row, field):
     gold, pred = _qa_files(tmp_path, [{"id": "q1", "answers": ["a"]}], [row])
@@ -165,6 +166,27 @@ def test_bad_el_gold_entity(tmp_path, entity, field):
     with pytest.raises(OneGenError, match=r"gold\.jsonl:1") as e:
         evaluate_files("el", gold, pred)
     assert e.value.field == field
+
+
+def test_what_generate_reads_eval_scores(tmp_path):
+    """Integer ids, answers and doc ids (read as strings by `onegen generate`) and empty hops."""
+    gold, pred = _qa_files(tmp_path, [{"id": 7, "question": "Q?", "answers": [1901], "gold_docs": [[], [3]]}],
+                           [{"id": "7", "answer": "1901", "retrievals": [{"doc_ids": ["3"]}, {"doc_ids": ["3"]}]}])
+    m = evaluate_files("qa", gold, pred)
+    assert m["em"] == 1.0 and m["recall@1"] == 1.0 and "hop1_recall@1" not in m and m["hop2_recall@1"] == 1.0
+    gold = _write(tmp_path / "gold.jsonl", [{"id": 1, "text": TEXT, "entities": [{"start": 10, "end": 19, "id": 42}]}])
+    pred = _write(tmp_path / "pred.jsonl", [{"id": "1", "entities": [{"start": 10, "end": 19, "id": "42"}]}])
+    assert evaluate_files("el", gold, pred)["f1"] == 1.0
+
+
+def test_nested_and_overlapping_entities_are_scored_one_by_one(tmp_path):
+    text = "New York City is big."
+    gold = _write(tmp_path / "gold.jsonl", [{"id": "e", "text": text, "entities": [
+        {"start": 0, "end": 13, "id": "nyc"}, {"start": 0, "end": 8, "id": "ny"}]}])
+    pred = _write(tmp_path / "pred.jsonl", [{"id": "e", "entities": [
+        {"start": 0, "end": 8, "id": "ny"}, {"start": 4, "end": 13, "id": "yc"}]}])
+    m = evaluate_files("el", gold, pred)
+    assert m["precision"] == 0.5 and m["recall"] == 0.5
 
 
 def test_el_needs_text_and_pred_entities(tmp_path):

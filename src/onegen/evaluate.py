@@ -4,7 +4,8 @@ Both files are JSONL and are validated here, at the boundary: a bad record raise
 naming file:line and the field at fault, and nothing is scored until both files are known good.
 Guarantees:
 - every gold item has exactly one prediction and every prediction has a gold item (matched by `id`);
-- gold ids and prediction ids are unique strings;
+- gold ids and prediction ids are unique (strings, or integers read as strings, as `onegen generate`
+  reads them; doc ids, entity ids and answers likewise);
 - for `el`, every gold entity span lies inside its text (0 <= start < end <= len(text));
 - `k` for QA defaults to the longest top-k list found in the predictions (at least 1).
 The metrics themselves live in `onegen.metrics`.
@@ -84,7 +85,7 @@ def _read_records(path: str | os.PathLike, check: Checker) -> list[tuple[int, di
     rows = read_jsonl(path)
     first_line: dict[str, int] = {}
     for line, obj in rows:
-        rid = obj.get("id")
+        rid = obj["id"] = _as_str(obj.get("id"))
         if not isinstance(rid, str) or not rid:
             raise OneGenError("missing or non-string 'id' (every record needs a unique string id)",
                               file=file, line=line, field="id")
@@ -125,30 +126,40 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_str_list(value: Any, file: str, line: int, field: str, *, non_empty: bool) -> None:
+def _as_str(value: Any) -> Any:
+    """An integer id or answer as the string `onegen generate` reads it; anything else unchanged."""
+    return str(value) if _is_int(value) else value
+
+
+def _str_list(value: Any, file: str, line: int, field: str, *, non_empty: bool) -> list[str]:
+    """`value` checked to be a list of strings (integers become strings)."""
+    value = [_as_str(v) for v in value] if isinstance(value, list) else value
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise _fail("expected a list of strings", file, line, field)
     if non_empty and not value:
         raise _fail("expected at least one string", file, line, field)
+    return value
 
 
 def _check_gold_qa(obj: dict[str, Any], file: str, line: int) -> None:
     if "answers" not in obj:
         raise _fail("missing 'answers' (a list of acceptable answer strings); is this a QA evaluation "
                     "file?", file, line, "answers")
-    _check_str_list(obj["answers"], file, line, "answers", non_empty=True)
+    obj["answers"] = _str_list(obj["answers"], file, line, "answers", non_empty=True)
     gold_docs = obj.get("gold_docs")
     if gold_docs is None:
         return
     if not isinstance(gold_docs, list) or not all(isinstance(hop, list) for hop in gold_docs):
         raise _fail('expected one list of acceptable doc ids per hop, e.g. [["d17"], ["d4", "d5"]]',
                     file, line, "gold_docs")
-    for hop, doc_ids in enumerate(gold_docs):
-        _check_str_list(doc_ids, file, line, f"gold_docs[{hop}]", non_empty=True)
+    for hop, doc_ids in enumerate(gold_docs):  # an empty hop has no gold: it is not scored
+        gold_docs[hop] = _str_list(doc_ids, file, line, f"gold_docs[{hop}]", non_empty=False)
 
 
 def _check_entities(entities: Any, file: str, line: int, text: str | None) -> None:
-    """Entities are `{start, end, id}` with int offsets; with `text`, spans must lie inside it."""
+    """Entities are `{start, end, id}` with int offsets; with `text`, spans must lie inside it.
+
+    Spans may overlap or nest (strong match scores each (start, end, id) on its own)."""
     if not isinstance(entities, list):
         raise _fail("expected a list of {start, end, id} objects", file, line, "entities")
     for i, ent in enumerate(entities):
@@ -158,18 +169,14 @@ def _check_entities(entities: Any, file: str, line: int, text: str | None) -> No
         for key in ("start", "end"):
             if not _is_int(ent.get(key)):
                 raise _fail("expected an integer character offset", file, line, f"{where}.{key}")
-        if not isinstance(ent.get("id"), str):
+        ent["id"] = _as_str(ent.get("id"))
+        if not isinstance(ent["id"], str):
             raise _fail("expected a string document id", file, line, f"{where}.id")
         limit = len(text) if text is not None else ent["end"]
         if not 0 <= ent["start"] < ent["end"] <= limit:
             inside = f"inside the text (length {len(text)})" if text is not None else "a span"
             raise _fail(f"span [{ent['start']}, {ent['end']}) is not {inside}; need 0 <= start < end"
                         f"{' <= len(text)' if text is not None else ''}, end exclusive", file, line, where)
-    spans = sorted((e["start"], e["end"], i) for i, e in enumerate(entities))
-    for (s0, e0, i0), (s1, e1, i1) in zip(spans, spans[1:], strict=False):
-        if s1 < e0:
-            raise _fail(f"entity spans overlap: [{s0},{e0}) and [{s1},{e1}) (entities[{i0}], entities[{i1}])",
-                        file, line, "entities")
 
 
 def _check_gold_el(obj: dict[str, Any], file: str, line: int) -> None:
@@ -194,7 +201,7 @@ def _check_pred_qa(obj: dict[str, Any], file: str, line: int) -> None:
     for i, ret in enumerate(retrievals):
         if not isinstance(ret, dict) or "doc_ids" not in ret:
             raise _fail("expected an object with 'doc_ids'", file, line, f"retrievals[{i}]")
-        _check_str_list(ret["doc_ids"], file, line, f"retrievals[{i}].doc_ids", non_empty=False)
+        ret["doc_ids"] = _str_list(ret["doc_ids"], file, line, f"retrievals[{i}].doc_ids", non_empty=False)
 
 
 def _check_pred_el(obj: dict[str, Any], file: str, line: int) -> None:

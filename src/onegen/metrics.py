@@ -5,7 +5,9 @@ Guarantees:
 - answer matching uses SQuAD normalisation (lowercase, no punctuation, no articles a/an/the, single
   spaces), and EM / F1 take the best score over all gold answers;
 - retrieval recall is "any acceptable document in the top k", averaged over (item, hop) pairs, and a
-  hop with no retrieval counts as a miss;
+  hop with no retrieval counts as a miss (a hop with no gold documents is not scored);
+- F1 follows SQuAD v2 on empty answers: an answer that normalises to nothing agrees only with a gold
+  answer that does too (v1.1's script gives F1 0 there, while its EM gives 1);
 - entity linking is micro-averaged with strong match: same start, same end and same id;
 - every rate is a plain Python `float` in [0, 1], an empty denominator gives 0.0, and `n` is an `int`.
 """
@@ -74,13 +76,16 @@ def _by_id(preds: Sequence[dict[str, Any]], items: Sequence[dict[str, Any]]) -> 
     return pred_by_id
 
 
-def _hop_hits(item: dict[str, Any], pred: dict[str, Any], k: int) -> list[tuple[float, float]]:
-    """(hit@1, hit@k) for each gold hop of one item; hop h is scored on retrievals[h-1]."""
+def _hop_hits(item: dict[str, Any], pred: dict[str, Any], k: int) -> list[tuple[int, tuple[float, float]]]:
+    """(hop, (hit@1, hit@k)) for each gold hop of one item with gold documents; hop h (from 0) is
+    scored on retrievals[h]."""
     retrievals = pred.get("retrievals") or []
     hits = []
     for hop, gold_ids in enumerate(item.get("gold_docs") or []):
+        if not gold_ids:
+            continue
         doc_ids = retrievals[hop]["doc_ids"] if hop < len(retrievals) else []
-        hits.append((recall_at_k(doc_ids, gold_ids, 1), recall_at_k(doc_ids, gold_ids, k)))
+        hits.append((hop, (recall_at_k(doc_ids, gold_ids, 1), recall_at_k(doc_ids, gold_ids, k))))
     return hits
 
 
@@ -117,8 +122,8 @@ def qa_metrics(items: Sequence[dict[str, Any]], preds: Sequence[dict[str, Any]],
         pred = pred_by_id[item["id"]]
         ems.append(exact_match(pred["answer"], item["answers"]))
         f1s.append(f1_score(pred["answer"], item["answers"]))
-        for hop, hit in enumerate(_hop_hits(item, pred, k)):
-            if hop == len(per_hop):
+        for hop, hit in _hop_hits(item, pred, k):
+            while hop >= len(per_hop):
                 per_hop.append([])
             per_hop[hop].append(hit)
             all_hits.append(hit)
@@ -126,7 +131,8 @@ def qa_metrics(items: Sequence[dict[str, Any]], preds: Sequence[dict[str, Any]],
     if all_hits:
         metrics.update(_recall_keys("", all_hits, k))
         for hop, hits in enumerate(per_hop, start=1):
-            metrics.update(_recall_keys(f"hop{hop}_", hits, k))
+            if hits:
+                metrics.update(_recall_keys(f"hop{hop}_", hits, k))
     return metrics
 
 
