@@ -13,6 +13,7 @@ from onegen.bench import main as bench_main
 from onegen.bench.index import doc_lengths
 from onegen.bench.train import PAPER_BATCH, build_model, collate, make_batch, naive_loss, onegen_loss
 from onegen.config import LossConfig
+from onegen.hfparts import set_checkpointing
 
 LOSS = LossConfig(negatives=PAPER_BATCH["negatives"], in_batch_negatives=False)
 
@@ -37,7 +38,7 @@ def test_batch_has_the_recipe_shape(mini):
 def test_naive_and_onegen_steps_compute_the_same_loss_and_gradients(mini, checkpointing):
     batch = make_batch(mini, scale=0.05, seed=1)
     if checkpointing:
-        mini.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_checkpointing(mini.hf_model, True)
     try:
         grads = []
         for step in (naive_loss, partial(onegen_loss, pack=False), onegen_loss):  # paper, per-kind padding, packed
@@ -46,7 +47,7 @@ def test_naive_and_onegen_steps_compute_the_same_loss_and_gradients(mini, checkp
             loss.backward()
             grads.append((loss.detach(), {n: p.grad.clone() for n, p in mini.named_parameters()}))
     finally:
-        mini.hf_model.gradient_checkpointing_disable()
+        set_checkpointing(mini.hf_model, False)
     (l1, g1), *others = grads
     assert l1 > 1.0  # a real loss (CE over a 2048 vocabulary + InfoNCE), not zero
     for l2, g2 in others:

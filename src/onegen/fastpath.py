@@ -8,7 +8,8 @@ like are refused, not silently wrong; a bf16/fp16 model is first checked on a fl
 layers (`_check_in_float32`), where rounding cannot hide such a difference. A sliding window is
 accepted while the sequences fit in it. The engine's stepper and the shape buckets are in `faststep`.
 
-The cache is one tensor (L, 2, S, H_kv, T + 1, d) in the model dtype; row i of an engine batch owns
+The cache is a K and a V tensor (S, H_kv, T + 1, d) per layer, in the model dtype (separate tensors:
+`torch.compile` turns a write into a view of one big tensor into a copy of all of it); row i of an engine batch owns
 slot i and a length. Every step is ONE forward over the layers (every weight read once), in one of two
 forms. The step: rows feeding one token run over slots [0, bb) and cache columns [0, tb), and rows
 inserting a paragraph in the same step join it as p runs padded to `insert_width` tokens: the linear
@@ -96,11 +97,12 @@ class FastDecoder:
         self.w = layout(model)
         self.device, self.dtype = model.device, model.dtype
         self.graphs = graphs and self.device.type == "cuda"
-        self.kv: torch.Tensor | None = None  # (L, 2, S, H_kv, T + 1, d)
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer K, V: (S, H_kv, T + 1, d)
         self._graphs: dict[tuple[int, int, int, int], _Graph] = {}  # (bb, p, w, tb)
         self._pool = None
         self.forwards = 0  # forwards over the layers (each reads every weight once)
         self.replays = 0  # of which served by a captured graph
+        self.prefills = 0  # of which eager prefills (no row decoding: prompts, a lone insertion)
         self.mixed = 0  # of which carried decode tokens and inserted runs together
         self._forward_fn = torch.compile(self._forward, fullgraph=True) if compile else self._forward
         if self.dtype != torch.float32:
@@ -110,12 +112,12 @@ class FastDecoder:
     # -- public ---------------------------------------------------------------------------------
     @property
     def slots(self) -> int:
-        return 0 if self.kv is None else self.kv.shape[2]
+        return 0 if self.kv is None else self.kv[0][0].shape[0]
 
     @property
     def capacity(self) -> int:
         """Tokens a row can hold (prompt, generated and inserted)."""
-        return 0 if self.kv is None else self.kv.shape[4] - 1
+        return 0 if self.kv is None else self.kv[0][0].shape[2] - 1
 
     def stepper(self, n_rows: int, max_len: int | None = None) -> FastStepper | None:
         """A stepper for `n_rows` rows of at most `max_len` tokens each.
@@ -152,10 +154,12 @@ class FastDecoder:
             if fits < cap:
                 log.info("KV cache: %d of the %d tokens asked for fit in GPU memory", fits, cap)
                 cap = max(fits, round_up(min_len, 128), self.capacity)
-        kv = torch.zeros((len(w.layers), 2, slots, w.n_kv, cap + 1, w.head_dim), dtype=self.dtype,
-                         device=self.device)  # zeros: masked garbage must be finite (0 * NaN = NaN)
-        if old is not None:
-            kv[:, :, : old.shape[2], :, : old.shape[4] - 1] = old[:, :, :, :, :-1]
+        shape = (slots, w.n_kv, cap + 1, w.head_dim)  # zeros: masked garbage must be finite (0 * NaN = NaN)
+        kv = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+               torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in w.layers]
+        for new, prev in zip(kv, old or [], strict=False):  # what the old cache held, spare column excluded
+            for a, b in zip(new, prev, strict=True):
+                a[: b.shape[0], :, : b.shape[2] - 1] = b[:, :, :-1]
         self.kv = kv
 
     @torch.no_grad()
@@ -254,16 +258,17 @@ class FastDecoder:
             run_mask = mask[bb:].view(p, 1, 1, w, tb).expand(p, 1, rep, w, tb).reshape(p, 1, rep * w, tb)
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            kv[i, 0][slot, :, col] = k[0]  # (n, H_kv, d) into each token's slot and column
-            kv[i, 1][slot, :, col] = v[0]
+            kc, vc = kv[i]
+            kc[slot, :, col] = k[0]  # (n, H_kv, d) into each token's slot and column
+            vc[slot, :, col] = v[0]
             qd = q[0, :bb].reshape(bb, wl.n_kv, rep, wl.head_dim)  # query heads grouped by their KV head
-            out = F.scaled_dot_product_attention(qd, kv[i, 0, :bb, :, :tb], kv[i, 1, :bb, :, :tb],
+            out = F.scaled_dot_product_attention(qd, kc[:bb, :, :tb], vc[:bb, :, :tb],
                                                  attn_mask=decode_mask, scale=wl.scaling)  # (bb, H_kv, rep, d)
             out = out.reshape(bb, wl.n_heads * wl.head_dim)
             if p:
                 qr = q[0, bb:].view(p, w, wl.n_kv, rep, wl.head_dim).permute(0, 2, 3, 1, 4).reshape(
                     p, wl.n_kv, rep * w, wl.head_dim)  # row r * w + s: group member r, token s
-                keys, vals = kv[i, 0, :, :, :tb][run_slots], kv[i, 1, :, :, :tb][run_slots]  # (p, H_kv, tb, d)
+                keys, vals = kc[:, :, :tb][run_slots], vc[:, :, :tb][run_slots]  # (p, H_kv, tb, d)
                 runs = F.scaled_dot_product_attention(qr, keys, vals, attn_mask=run_mask, scale=wl.scaling)
                 out = torch.cat([out, runs.view(p, wl.n_kv, rep, w, wl.head_dim).permute(0, 3, 1, 2, 4).reshape(
                     p * w, wl.n_heads * wl.head_dim)])
@@ -284,6 +289,7 @@ class FastDecoder:
         `all_positions`, hidden (P, S, D) at every new token (right-padded) and no logits."""
         w, kv, dev = self.w, self.kv, self.device
         self.forwards += 1
+        self.prefills += 1
         n, width, rep = len(feeds), max(len(f) for f in feeds), w.n_heads // w.n_kv
         ids = torch.full((n, width), self.model.ids.pad, dtype=torch.long)
         for r, f in enumerate(feeds):
@@ -298,9 +304,10 @@ class FastDecoder:
         mask = mask[:, None].expand(n, rep, width, tp).reshape(n, 1, rep * width, tp)
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            kv[i, 0][slot_idx, :, pos_idx] = k[valid]  # (N, H_kv, d)
-            kv[i, 1][slot_idx, :, pos_idx] = v[valid]
-            keys, vals = kv[i, 0, :, :, :tp][slot_t], kv[i, 1, :, :, :tp][slot_t]  # (P, H_kv, tp, d)
+            kc, vc = kv[i]
+            kc[slot_idx, :, pos_idx] = k[valid]  # (N, H_kv, d)
+            vc[slot_idx, :, pos_idx] = v[valid]
+            keys, vals = kc[:, :, :tp][slot_t], vc[:, :, :tp][slot_t]  # (P, H_kv, tp, d)
             qg = q.view(n, width, w.n_kv, rep, w.head_dim).permute(0, 2, 3, 1, 4).reshape(
                 n, w.n_kv, rep * width, w.head_dim)  # row r * S + s: group member r, token s
             out = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask, scale=w.scaling)
@@ -344,7 +351,7 @@ class FastDecoder:
             if not err <= tol:
                 raise FastPathUnsupported(f"the compact forward does not reproduce the model's {name} "
                                           f"(relative error {err:.2g}): a layer computes something else")
-        self.kv, self.forwards = None, 0
+        self.kv, self.forwards, self.prefills = None, 0, 0
 
 
 PROBE_LAYERS = 6  # layers of the float32 twin: enough for the usual per-layer patterns (sliding, NoPE)

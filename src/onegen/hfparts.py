@@ -188,3 +188,15 @@ class FullHead:
 
     def __init__(self, lm: nn.Module):
         self.lm = lm
+
+
+def set_checkpointing(lm: nn.Module, on: bool) -> None:
+    """Turn activation (gradient) checkpointing on or off, non-reentrant; under the name transformers
+    has (`activation_checkpointing_*` since 5.2x, `gradient_checkpointing_*` before)."""
+    new = hasattr(lm, "activation_checkpointing_enable")
+    if not on:
+        (lm.activation_checkpointing_disable if new else lm.gradient_checkpointing_disable)()
+    elif new:
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

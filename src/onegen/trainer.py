@@ -31,6 +31,7 @@ from .collate import Collator, pack_options
 from .config import TrainConfig
 from .data import Corpus, Sample, read_corpus, read_el_items, read_samples
 from .errors import OneGenError
+from .hfparts import set_checkpointing
 from .io import normalize_permissions, write_json_atomic, write_text_atomic
 from .losses import Objective
 from .model import OneGenModel
@@ -81,7 +82,7 @@ def build_model(config: TrainConfig, corpus: Corpus | None, samples: list[Sample
     if config.train.lora is not None:
         model.add_lora(config.train.lora)
     if config.model.gradient_checkpointing:
-        model.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_checkpointing(model.hf_model, True)
     return model
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from ..collate import Collator, pack_options
 from ..config import LossConfig, TokensConfig
 from ..data import Corpus, Document, Retrieval
+from ..hfparts import set_checkpointing
 from ..losses import Objective
 from ..model import OneGenModel
 from ..render import Rendered
@@ -195,7 +196,6 @@ def collate(model: OneGenModel, batch: StepBatch, loss_cfg: LossConfig, pack: bo
 def _measure(model: OneGenModel, step, args: argparse.Namespace) -> dict[str, Any]:
     """Time forward + backward; memory of one step."""
     params = [p for p in model.parameters() if p.requires_grad]
-    param_bytes = sum(p.numel() * p.element_size() for p in params)
 
     def run() -> float:
         for p in params:
@@ -205,20 +205,30 @@ def _measure(model: OneGenModel, step, args: argparse.Namespace) -> dict[str, An
         return float(loss.detach())
 
     seconds = median_time(run, args.repeats, args.device)
+    # Memory: the gradients are allocated before the step, so the peak above the base is activations
+    # (with gradients appearing during backward, the peak would mix the two).
     for p in params:
-        p.grad = None
+        p.grad = torch.zeros_like(p)
+
+    def accumulate() -> float:
+        loss = step()
+        loss.backward()
+        return float(loss.detach())
+
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        loss = run()
+        loss = accumulate()
         sync(args.device)
         peak = torch.cuda.max_memory_allocated()
-        act = peak - base - param_bytes
+        act = peak - base
     else:
         with PeakHeap() as heap:
-            loss = run()
-        peak, act = heap.peak, max(0, heap.growth - param_bytes)
+            loss = accumulate()
+        peak, act = heap.peak, heap.growth
+    for p in params:
+        p.grad = None
     return {"seconds": seconds, "loss": loss, "peak_gb": peak / 1e9, "act_gb": act / 1e9}
 
 
@@ -256,10 +266,7 @@ def _bench_model(shape: str, dtype: torch.dtype, peak: float, loss_cfg: LossConf
              "onegen": partial(onegen_loss, model, batch, loss_cfg, packed)}
     real = batch.real_tokens
     for ckpt in args.checkpointing:
-        if ckpt:
-            model.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.hf_model.gradient_checkpointing_disable()
+        set_checkpointing(model.hf_model, bool(ckpt))
         row: dict[str, Any] = {"model": shape, "checkpointing": ckpt, "params_m": n_params / 1e6, "real_tokens": real,
                                "padded_tokens_naive": batch.max_length * (len(batch.answers) + len(collated["doc_keys"])),
                                "padded_tokens_padded": collated["input_ids"].numel() + collated["doc_input_ids"].numel(),
