@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -115,6 +116,36 @@ def test_save_load_lora_identical(tiny_model_dir, samples, corpus, tmp_path):
     loaded = OneGenModel.from_pretrained(out).eval()
     assert loaded.is_lora
     _assert_same_outputs(before, _outputs(loaded, QUESTIONS))
+
+
+def test_lora_saves_what_the_checkpoint_lacked(tiny_model_dir, samples, corpus, tmp_path):
+    """A checkpoint without some weights (a base model without its head; MiniLM without its LM-head
+    transform) gets them at random on every load: LoRA trains and saves those modules whole, so the
+    saved model comes back the same (its index stays valid)."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "headless"
+    shutil.copytree(tiny_model_dir, ckpt)
+    weights = load_file(ckpt / "model.safetensors")
+    del weights["lm_head.weight"]
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    model = OneGenModel.from_pretrained(ckpt, lora=LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    assert any("lm_head" in n and p.requires_grad for n, p in model.lm.named_parameters())
+    _step(model, _batch(model, samples, corpus), lr=1e-2)
+    before = _outputs(model.eval(), QUESTIONS)
+    out = model.save_pretrained(tmp_path / "lora")
+    first, second = (OneGenModel.from_pretrained(out).eval() for _ in range(2))
+    assert first.fingerprint() == second.fingerprint() == json.loads((out / ONEGEN_JSON).read_text())["fingerprint"]
+    _assert_same_outputs(before, _outputs(first, QUESTIONS))
+
+
+def test_a_onegen_model_keeps_its_tokens_and_refuses_others(tiny_model_dir):
+    from onegen.config import TokensConfig
+    from onegen.errors import OneGenError
+
+    assert OneGenModel.from_pretrained(tiny_model_dir, TokensConfig()).tokens.strings() == TokensConfig().strings()
+    with pytest.raises(OneGenError, match=r"field 'tokens'.*uses the tokens \['\[RQ\]'"):
+        OneGenModel.from_pretrained(tiny_model_dir, TokensConfig(query="<LOC>"))
 
 
 def test_lora_from_train_section(tiny_model_dir, samples, corpus, tmp_path):

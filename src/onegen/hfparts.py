@@ -27,7 +27,10 @@ log = logging.getLogger(__name__)
 
 
 def load_causal_lm(path: str, dtype: torch.dtype | str | None, trust_remote_code: bool) -> nn.Module:
-    """The HF causal LM at `path` (a directory or hub id), in `dtype` when given."""
+    """The HF causal LM at `path` (a directory or hub id), in `dtype` when given.
+
+    Its `onegen_fresh_modules` attribute lists the modules the checkpoint had no weights for (newly
+    initialised at random: an encoder's LM-head transform, say), which a LoRA adapter must save."""
     import pickle
 
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -46,7 +49,9 @@ def load_causal_lm(path: str, dtype: torch.dtype | str | None, trust_remote_code
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # its per-tensor bar would come before a one-line error on stderr
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        lm, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+        lm.onegen_fresh_modules = fresh_modules(lm, set(info.get("missing_keys") or ()))
+        return lm
     except (OSError, ValueError) as e:
         raise OneGenError(f"cannot load a causal LM from '{path}': {str(e).splitlines()[0]}") from None
     except pickle.UnpicklingError:  # a .bin holding more than tensors: refused by weights_only, never run
@@ -55,6 +60,16 @@ def load_causal_lm(path: str, dtype: torch.dtype | str | None, trust_remote_code
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def fresh_modules(lm: nn.Module, missing: set[str]) -> list[str]:
+    """The outermost modules whose every parameter is in `missing` (parameters the checkpoint lacked)."""
+    found: list[str] = []
+    for name, module in lm.named_modules():
+        params = [f"{name}.{p}" if name else p for p, _ in module.named_parameters()]
+        if params and all(p in missing for p in params) and not any(name.startswith(f + ".") for f in found):
+            found.append(name)
+    return found
 
 
 def build_scratch_lm(cfg: ModelConfig, tokenizer) -> nn.Module:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ from .packing import probe as probe_packing
 from .padding import length_batches, pad_right
 from .render import Renderer
 from .tokens import add_special_tokens, init_new_embeddings, token_ids
+
+log = logging.getLogger(__name__)
 
 
 class OneGenModel(nn.Module):
@@ -86,7 +89,12 @@ class OneGenModel(nn.Module):
             raise OneGenError("model directory not found", file=path)
         meta = read_meta(path)
         if meta is not None:
-            tokens = TokensConfig(**meta["tokens"])
+            saved = TokensConfig(**meta["tokens"])
+            if tokens is not None and tokens.strings() not in (saved.strings(), TokensConfig().strings()):
+                raise OneGenError(f"this OneGen model uses the tokens {saved.strings()}, not {tokens.strings()}: "
+                                  "write the data with the model's tokens (or set `tokens:` to them), or start "
+                                  "from the base checkpoint", file=path, field="tokens")
+            tokens = saved
             max_length = meta.get("max_length", max_length)
             doc_max_length = meta.get("doc_max_length", doc_max_length)
         tokens = tokens or TokensConfig()
@@ -148,24 +156,33 @@ class OneGenModel(nn.Module):
         from peft import get_peft_model
 
         new_ids = sorted({self.ids.query, self.ids.doc, self.ids.open, self.ids.close, *self.ids.extra})
+        # modules the checkpoint had no weights for are random at every load of the base: train and save
+        # them whole, or the adapter would come back on a different model
+        fresh = list(getattr(self.lm, "onegen_fresh_modules", ()))
+        if fresh:
+            log.info("LoRA: also training and saving %s (not in the checkpoint: initialised at random)",
+                     ", ".join(fresh))
         cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=lora.target_modules, trainable_token_indices=self._token_rows(new_ids),
-                             task_type="CAUSAL_LM")
+                             target_modules=lora.target_modules, modules_to_save=fresh or None,
+                             trainable_token_indices=self._token_rows(new_ids, fresh), task_type="CAUSAL_LM")
         self.lm = get_peft_model(self.lm, cfg)
         self._set_parts()
 
-    def _token_rows(self, new_ids: list[int]) -> list[int] | dict[str, list[int]]:
+    def _token_rows(self, new_ids: list[int], whole: list[str] = ()) -> list[int] | dict[str, list[int]] | None:
         """peft's `trainable_token_indices`: the new tokens' rows of the input embedding, and of the
         output embedding when it is a separate matrix (untied head): else the model could not learn to
-        emit `[RQ]` through its own row of the head."""
+        emit `[RQ]` through its own row of the head. Modules trained `whole` already are left out."""
         lm = self.lm
         names = {id(m): n for n, m in lm.named_modules()}
         inp, out = lm.get_input_embeddings(), lm.get_output_embeddings()
         w_in, w_out = getattr(inp, "weight", None), getattr(out, "weight", None)
-        if not isinstance(w_out, torch.Tensor) or w_out is w_in or id(inp) not in names or id(out) not in names \
-                or w_out.data_ptr() == getattr(w_in, "data_ptr", lambda: None)() or w_out.dim() != 2:
-            return new_ids
-        return {names[id(inp)]: new_ids, names[id(out)]: new_ids}
+        untied = not (not isinstance(w_out, torch.Tensor) or w_out is w_in or id(inp) not in names
+                      or id(out) not in names or w_out.data_ptr() == getattr(w_in, "data_ptr", lambda: None)()
+                      or w_out.dim() != 2)
+        if not untied:
+            return None if names.get(id(inp)) in whole else new_ids
+        rows = {names[id(m)]: new_ids for m in (inp, out) if names[id(m)] not in whole}
+        return rows or None
 
     @property
     def is_lora(self) -> bool:
@@ -231,6 +248,8 @@ class OneGenModel(nn.Module):
         h.update(json.dumps(tokens_dict(self.tokens), sort_keys=True).encode())
         h.update(str(len(self.tokenizer)).encode())
         for name, p in sorted(self.lm.state_dict().items()):
+            if ".original_module." in name:  # peft's unused copy of a module it trains whole
+                continue
             flat = p.detach().reshape(-1)
             step = max(1, flat.numel() // 256)
             sample = flat[::step][:256].to(torch.bfloat16).float().cpu()
