@@ -292,8 +292,10 @@ def test_bad_arguments_raise():
         convert("squad", HOTPOT, "unused")
     with pytest.raises(OneGenError, match="--entities only applies"):
         convert("hotpotqa", HOTPOT, "unused", entities="x.jsonl")
-    with pytest.raises(OneGenError, match="file not found"):
-        convert("hotpotqa", DATA / "missing.json", "unused")
+    for source in ("hotpotqa", "2wiki", "selfrag", "aida"):
+        for path in (DATA / "missing.json", DATA):  # no file there; a folder
+            with pytest.raises(OneGenError, match="file not found"):
+                convert(source, path, "unused")
 
 
 def test_selfrag_reflection_tokens_between_words_leave_a_space():

@@ -206,6 +206,12 @@ def test_generation_stops_on_the_token_that_ends_a_turn(model, index, corpus, mo
                                               clean_up_tokenization_spaces=False)
 
 
+@pytest.mark.parametrize("retriever", [None, "bm25"])
+def test_pipeline_mode_without_a_retriever_object_is_refused_at_once(model, retriever):
+    with pytest.raises(ValueError, match="BM25Retriever"):
+        Engine(model, mode="pipeline", retriever=retriever)
+
+
 def test_pipeline_mode_counts_retriever_tokens(model, corpus):
     other = _model(1)
     r_index = Index.build(other, corpus, progress=False)

@@ -9,7 +9,7 @@ import os as _os
 # faiss and torch each bring an OpenMP runtime; spinning faiss threads slow torch down on small CPUs.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__version__ = "0.1.0"
+__version__ = "0.3.0.dev0"
 
 __all__ = ["OneGenModel", "train", "TrainConfig", "Index", "Engine", "__version__"]
 

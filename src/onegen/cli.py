@@ -10,27 +10,10 @@ import logging
 import os
 import sys
 
+from .argtypes import NON_NEGATIVE, POSITIVE, Parser, at_least
 from .device import device_arg
 from .errors import OneGenError
 from .synth import MIN_SIZE
-
-
-def _at_least(low: int):
-    """An argparse type: an int >= `low` (so a bad value is refused before any work starts)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-    parse.__name__ = f"int >= {low}"
-    return parse
-
-
-POSITIVE, NON_NEGATIVE = _at_least(1), _at_least(0)
-
 
 
 def _add_train(sub) -> None:
@@ -49,7 +32,7 @@ def _add_data(sub) -> None:
     s.add_argument("--task", choices=["qa", "multihop", "el"], required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--size", type=_at_least(MIN_SIZE), default=200,
+    s.add_argument("--size", type=at_least(MIN_SIZE), default=200,
                    help=f"number of entities in the world (at least {MIN_SIZE})")
     s = dsub.add_parser("show", help="print samples with their token roles marked")
     s.add_argument("file")
@@ -110,7 +93,7 @@ def _add_eval(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onegen", description="One LLM that generates and retrieves in one pass.")
+    parser = Parser(prog="onegen", description="One LLM that generates and retrieves in one pass.")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_train(sub)

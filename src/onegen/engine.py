@@ -106,8 +106,9 @@ class Engine:
                  search_wait: int | str = "auto"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if mode == "pipeline" and retriever is None:
-            raise ValueError("pipeline mode needs retriever=")
+        if mode == "pipeline" and not any(callable(getattr(retriever, f, None)) for f in ("retrieve", "retrieve_histories")):
+            raise ValueError("pipeline mode needs retriever= a retriever object (onegen.retrievers.BM25Retriever(corpus), "
+                             f"DenseRetriever(...) or HistoryRetriever(...)), got {retriever!r}")
         if mode != "pipeline" and index is None:
             raise ValueError(f"{mode} mode needs an index built by the model")
         if mode != "pipeline" and hasattr(index, "check_model"):

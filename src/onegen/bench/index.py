@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..argtypes import POSITIVE, POSITIVE_FLOAT, Parser
 from ..backends import make_backend
 from ..padding import pad_right
 from .common import (
@@ -147,23 +148,23 @@ def _plot(result: dict[str, Any]) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="onegen bench index", description="corpus embedding (naive / sorted / "
+    p = Parser(prog="onegen bench index", description="corpus embedding (naive / sorted / "
                                 "token-budget batches) and exact search (fp32/fp16 vs int8)")
     common_args(p)
     p.add_argument("--model", default=None, help="model shape for embedding (CPU 7b-mini, CUDA 7b)")
-    p.add_argument("--docs", type=int, default=None, help="documents to embed (CPU 400, CUDA 4000)")
-    p.add_argument("--scale", type=float, default=None, help="document length scale (CPU 0.25, CUDA 1)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=None, help="token budget per batch (CPU 4096, CUDA 65536)")
+    p.add_argument("--docs", type=POSITIVE, default=None, help="documents to embed (CPU 400, CUDA 4000)")
+    p.add_argument("--scale", type=POSITIVE_FLOAT, default=None, help="document length scale (CPU 0.25, CUDA 1)")
+    p.add_argument("--batch-size", type=POSITIVE, default=32)
+    p.add_argument("--max-tokens", type=POSITIVE, default=None, help="token budget per batch (CPU 4096, CUDA 65536)")
     p.add_argument("--dtype", default=None, help="model dtype (CPU float32, CUDA bfloat16)")
-    p.add_argument("--rows", type=int, default=None, help="search: stored vectors (CPU 200000, CUDA 1000000)")
-    p.add_argument("--dim", type=int, default=None, help="search: dimension (CPU 256, CUDA 4096)")
-    p.add_argument("--queries", type=int, default=64)
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--rerank", type=int, default=4, help="flat-int8 shortlist = rerank x k")
-    p.add_argument("--chunk-rows", type=int, default=None,
+    p.add_argument("--rows", type=POSITIVE, default=None, help="search: stored vectors (CPU 200000, CUDA 1000000)")
+    p.add_argument("--dim", type=POSITIVE, default=None, help="search: dimension (CPU 256, CUDA 4096)")
+    p.add_argument("--queries", type=POSITIVE, default=64)
+    p.add_argument("--k", type=POSITIVE, default=10)
+    p.add_argument("--rerank", type=POSITIVE, default=4, help="flat-int8 shortlist = rerank x k")
+    p.add_argument("--chunk-rows", type=POSITIVE, default=None,
                    help="rows per search chunk (default: sized to the query batch; flat-int8 65536)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs (CPU 1, CUDA 3)")
+    p.add_argument("--repeats", type=POSITIVE, default=None, help="timed runs (CPU 1, CUDA 3)")
     p.add_argument("--skip", choices=["embed", "search"], default=None)
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ..argtypes import POSITIVE, Parser
 from ..data import Corpus, Document
 from ..engine import Engine
 from ..fastpath import FastDecoder
@@ -251,7 +252,7 @@ def _wait(text: str) -> int | str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="onegen bench inference", description="one-pass decoding: tok/s vs the HBM "
+    p = Parser(prog="onegen bench inference", description="one-pass decoding: tok/s vs the HBM "
                                 "ceiling, retrieval overhead vs plain decoding, latency vs reencode/pipeline, memory")
     common_args(p)
     p.add_argument("--size", choices=sorted(SIZES), default=None, help="model shape (CPU tiny, CUDA 7b)")
@@ -259,24 +260,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine", choices=["fast", "compiled", "generic", "both", "all"], default="fast",
                    help="decode path: the fast one (compact forward, slot cache, CUDA graphs), the fast one "
                         "compiled (torch.compile), HF's; both = fast + generic, all = the three")
-    p.add_argument("--generic-max-batch", type=int, default=8, help="largest batch the generic path runs")
+    p.add_argument("--generic-max-batch", type=POSITIVE, default=8, help="largest batch the generic path runs")
     p.add_argument("--skip", choices=["throughput", "latency"], default=None)
-    p.add_argument("--batches", type=int, nargs="+", default=None, help="throughput (CPU 1 4, CUDA 1 8 32 64)")
-    p.add_argument("--prompt-tokens", type=int, default=None, help="throughput prompts (CPU 48, CUDA 512)")
-    p.add_argument("--new-tokens", type=int, default=None, help="throughput answers (CPU 32, CUDA 256)")
-    p.add_argument("--every", type=int, default=None, help="[RQ] every N generated tokens (CPU 8, CUDA 64)")
-    p.add_argument("--index-rows", type=int, default=None, help="throughput index size (CPU 20000, CUDA 1000000)")
+    p.add_argument("--batches", type=POSITIVE, nargs="+", default=None, help="throughput (CPU 1 4, CUDA 1 8 32 64)")
+    p.add_argument("--prompt-tokens", type=POSITIVE, default=None, help="throughput prompts (CPU 48, CUDA 512)")
+    p.add_argument("--new-tokens", type=POSITIVE, default=None, help="throughput answers (CPU 32, CUDA 256)")
+    p.add_argument("--every", type=POSITIVE, default=None, help="[RQ] every N generated tokens (CPU 8, CUDA 64)")
+    p.add_argument("--index-rows", type=POSITIVE, default=None, help="throughput index size (CPU 20000, CUDA 1000000)")
     p.add_argument("--index-backend", choices=["flat", "flat-int8"], default="flat")
     p.add_argument("--search-wait", type=_wait, nargs="+", default=["auto", 0],
                    help="engine search_wait policies: the first at every batch, the others side by side at the "
                         "largest (default: auto 0)")
-    p.add_argument("--chunk-rows", type=int, default=None, help="rows per search chunk (default: sized to the queries of each search)")
-    p.add_argument("--query-lengths", type=int, nargs="+", default=None, help="latency (CPU 32 128, CUDA 128 1024 4096)")
-    p.add_argument("--answers", type=int, nargs="+", default=None, help="latency answer tokens (CPU 8 16, CUDA 16 128)")
-    p.add_argument("--retrievals", type=int, nargs="+", default=None, help="latency retrievals (1 2 CPU, 1 4 CUDA)")
-    p.add_argument("--doc-tokens", type=int, default=None, help="inserted document length (CPU 16, CUDA 64)")
-    p.add_argument("--corpus-size", type=int, default=None, help="latency index documents (CPU 64, CUDA 256)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (CPU 1, CUDA 2)")
+    p.add_argument("--chunk-rows", type=POSITIVE, default=None, help="rows per search chunk (default: sized to the queries of each search)")
+    p.add_argument("--query-lengths", type=POSITIVE, nargs="+", default=None, help="latency (CPU 32 128, CUDA 128 1024 4096)")
+    p.add_argument("--answers", type=POSITIVE, nargs="+", default=None, help="latency answer tokens (CPU 8 16, CUDA 16 128)")
+    p.add_argument("--retrievals", type=POSITIVE, nargs="+", default=None, help="latency retrievals (1 2 CPU, 1 4 CUDA)")
+    p.add_argument("--doc-tokens", type=POSITIVE, default=None, help="inserted document length (CPU 16, CUDA 64)")
+    p.add_argument("--corpus-size", type=POSITIVE, default=None, help="latency index documents (CPU 64, CUDA 256)")
+    p.add_argument("--repeats", type=POSITIVE, default=None, help="timed runs per measurement (CPU 1, CUDA 2)")
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
     for key, (cpu_value, gpu_value) in DEFAULTS.items():

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..argtypes import POSITIVE, POSITIVE_FLOAT, Parser
 from ..collate import Collator, pack_options
 from ..config import LossConfig, TokensConfig
 from ..data import Corpus, Document, Retrieval
@@ -325,15 +326,15 @@ def _plot(result: dict[str, Any]) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="onegen bench train", description="training step: paper-style padded "
+    p = Parser(prog="onegen bench train", description="training step: paper-style padded "
                                 "step vs per-kind padding vs onegen's packed step, same batch (multi-hop recipe shape)")
     common_args(p)
     p.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=None,
                    help="model shapes (default: 1b-mini 7b-mini on CPU, 1b 7b on CUDA)")
-    p.add_argument("--scale", type=float, default=None, help="length scale of the recipe (CPU 0.125, CUDA 1)")
+    p.add_argument("--scale", type=POSITIVE_FLOAT, default=None, help="length scale of the recipe (CPU 0.125, CUDA 1)")
     p.add_argument("--checkpointing", nargs="+", type=int, choices=[0, 1], default=[0, 1])
     p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
-    p.add_argument("--repeats", type=int, default=None, help="timed steps per measurement (CPU 2, CUDA 5)")
+    p.add_argument("--repeats", type=POSITIVE, default=None, help="timed steps per measurement (CPU 2, CUDA 5)")
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
     args.models = args.models or (["1b", "7b"] if gpu else ["1b-mini", "7b-mini"])

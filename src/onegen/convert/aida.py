@@ -35,6 +35,8 @@ _ENTITY_KEYS = ("id", "entity", "wikipedia_title", "title", "entity_id")
 
 
 def is_tsv(path: str | Path) -> bool:
+    if not Path(path).is_file():
+        raise OneGenError("file not found", file=str(path))
     with open(path, "rb") as f:
         head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     return not head.startswith((b"{", b"["))
