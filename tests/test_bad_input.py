@@ -492,6 +492,19 @@ def test_bad_numbers_are_refused_before_any_work(argv, needle, capsys):
     assert e.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1  # no usage block
 
 
+def test_generate_names_an_item_longer_than_the_models_positions(env, tmp_path, capsys, tiny_model):
+    limit = tiny_model.max_positions
+    items = tmp_path / "long.jsonl"
+    items.write_text(json.dumps({"id": "ok", "question": "Who founded Velmora?"}) + "\n"
+                     + json.dumps({"id": "long", "question": "Velmora " * limit}) + "\n")
+    argv = ["generate", "--model", str(env["model"]), "--index", str(env["index"]), "--input", str(items),
+            "--out", str(tmp_path / "preds.jsonl")]
+    assert main(argv) == 2
+    _assert_one_line(capsys.readouterr().err, "generate", f"{items}:2", "question",
+                     f"the model takes at most {limit} positions", after_work=True)
+    assert not (tmp_path / "preds.jsonl").exists()
+
+
 def test_generate_refuses_to_overwrite_its_input(env, tmp_path, capsys):
     same = tmp_path / "items.jsonl"
     shutil.copy(OK / "qa.jsonl", same)

@@ -127,6 +127,7 @@ class Engine:
         self.search_wait = search_wait
         self._eos = sorted(_eos_ids(model) | model.renderer.end_of_turn_ids())  # looked up once, not per token
         self._answer_ends = _answer_ends(model)
+        self._limit = model.max_positions
         self._paragraphs: dict[str, list[int]] = {}  # doc id -> inserted tokens, least recent first
         self._step_bytes = (model.weight_bytes(), model.kv_bytes_per_token())  # the search queue's cost model
         self.stats = {"generator_tokens": 0, "reencode_tokens": 0, "retriever_tokens": 0, "forwards": 0,
@@ -179,10 +180,14 @@ class Engine:
         for i, p in enumerate(prompts):
             messages = _as_messages(p)
             ids = m.renderer.encode_prompt(messages, assistant_prefix)
+            if self._limit is not None and len(ids) > self._limit:
+                raise ValueError(f"prompt {offset + i} is {len(ids)} tokens; the model takes at most {self._limit} "
+                                 "positions (its config's max_position_embeddings)")
             gen = torch.Generator().manual_seed(seed + offset + i) if do_sample else None
             rows.append(_Row(ids, list(ids), messages, generator=gen, max_new=max_new_tokens[i]))
         inserts = 0 if link else max_retrievals * (m.renderer.doc_max_length + 2)
-        stepper = self.new_stepper(len(rows), max(len(r.prompt) + r.max_new for r in rows) + inserts)
+        longest = max(len(r.prompt) + r.max_new for r in rows) + inserts
+        stepper = self.new_stepper(len(rows), longest if self._limit is None else min(longest, self._limit))
         needs_history = getattr(stepper, "needs_history", False)  # only recomputation re-reads whole rows
         select = TokenSelector(m, self._eos, do_sample, temperature, top_p, force_every is not None, ignore_eos)
         scan = getattr(self.retriever if self.mode == "pipeline" else self.index, "scan_bytes", 0)
@@ -213,6 +218,11 @@ class Engine:
                     if not link:
                         found = r.events[-1].doc_ids  # a retriever may find nothing: an empty paragraph
                         para = self._paragraph(found[0]) if found else m.renderer.encode_paragraph("")
+                        if not self._fits(r, len(para)):  # the row ends at the model's position limit
+                            r.done, r.finish, r.waiting, r.feed = True, "length", False, []
+                            if callback:
+                                callback({"row": offset + i, "type": "done", "finish_reason": r.finish})
+                            continue
                         r.stream += para
                         r.n_inserted += len(para)
                         r.feed, r.waiting = para, False
@@ -338,12 +348,17 @@ class Engine:
         m = self.model
         if tok in self._eos:
             r.done, r.finish = True, "eos"
-        elif r.n_generated >= max_new_tokens:
+        elif r.n_generated >= max_new_tokens or not self._fits(r, 0):
             r.done, r.finish = True, "length"
         elif stop:
             tail = m.tokenizer.decode(r.stream[-16:], skip_special_tokens=False)
             if any(tail.endswith(s) for s in stop):
                 r.done, r.finish = True, "stop"
+
+    def _fits(self, r: _Row, extra: int) -> bool:
+        """Whether the row's tokens with `extra` more all fit in the model's positions (each is fed once,
+        a decoded token at the next step)."""
+        return self._limit is None or len(r.prompt) + len(r.stream) + extra <= self._limit
 
     def _result(self, r: _Row, link: bool) -> GenerationResult:
         m = self.model

@@ -205,6 +205,17 @@ class OneGenModel(nn.Module):
     def hidden_size(self) -> int:
         return self.hf_model.get_input_embeddings().weight.shape[1]
 
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model takes (its config's position limit; None when it names none).
+        Past it, learned position tables fail outright and rotary models drift out of what they saw."""
+        cfg = self.hf_model.config
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
+
     def weight_bytes(self) -> int:
         """Bytes of all parameters: what one forward step reads at least once."""
         return sum(p.numel() * p.element_size() for p in self.lm.parameters())

@@ -51,6 +51,7 @@ def run_engine(engine: Engine, items: list, task: str, batch_size: int = 8, max_
     from tqdm.auto import tqdm
 
     prompts = prompts_for(items, task)
+    _check_prompt_lengths(engine, items, prompts, task)
     records = []
     limits = default_limits(engine, items, task) if max_new_tokens is None else [max_new_tokens] * len(items)
     for start in tqdm(range(0, len(items), batch_size), desc=f"generating ({engine.mode})", disable=not progress,
@@ -61,6 +62,20 @@ def run_engine(engine: Engine, items: list, task: str, batch_size: int = 8, max_
                                   max_retrievals=max_retrievals if task != "el" else 10_000, link=task == "el")
         records += [prediction_record(i, r, task, engine.model.tokens) for i, r in zip(chunk, results, strict=False)]
     return records
+
+
+def _check_prompt_lengths(engine: Engine, items: list, prompts: list[list], task: str) -> None:
+    """Every prompt fits the model's positions: a clear error naming the item before any generation
+    (the engine would refuse it mid-run)."""
+    limit = engine.model.max_positions
+    if limit is None:
+        return
+    for item, prompt in zip(items, prompts, strict=True):
+        n = len(engine.model.renderer.encode_prompt(prompt))
+        if n > limit:
+            field = "text" if task == "el" else ("messages" if len(prompt) > 1 else "question")
+            raise OneGenError(f"the prompt is {n} tokens; the model takes at most {limit} positions (its config's "
+                              "max_position_embeddings): shorten this item", file=item.source or None, field=field)
 
 
 def _engine(*args: Any, **kwargs: Any) -> Engine:
