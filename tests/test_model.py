@@ -204,6 +204,15 @@ def test_embed_documents_equals_plain_forward_at_doc_token(tiny_model, corpus):
         torch.testing.assert_close(vec, out.hidden_states[-1][0, -1], rtol=1e-5, atol=1e-5)
 
 
+def test_embedding_a_corpus_in_chunks_equals_all_at_once(tiny_model, corpus, monkeypatch):
+    from onegen import model as model_module
+
+    texts = [d.text for d in corpus.docs[:11]]
+    whole = tiny_model.embed_documents(texts, batch_size=4)
+    monkeypatch.setattr(model_module, "DOC_CHUNK", 3)  # four chunks, the last one short
+    torch.testing.assert_close(tiny_model.embed_documents(texts, batch_size=4), whole, rtol=1e-5, atol=1e-6)
+
+
 def test_training_forward_matches_plain_forward(tiny_model, samples, corpus):
     """The batch forward's query vectors and GEN logits equal a plain HF forward per sample."""
     batch = _batch(tiny_model, samples, corpus, n=3)

@@ -33,6 +33,7 @@ from .render import Renderer
 from .tokens import add_special_tokens, init_new_embeddings, token_ids
 
 log = logging.getLogger(__name__)
+DOC_CHUNK = 8192  # documents tokenized and embedded at a time
 
 
 class OneGenModel(nn.Module):
@@ -376,10 +377,25 @@ class OneGenModel(nn.Module):
                         max_tokens: int | None = None) -> torch.Tensor:
         """Retrieval vectors (N, D), float32 on CPU: the hidden state at each document's `[RD]` token.
 
+        Texts are tokenized and embedded `DOC_CHUNK` at a time (memory stays flat however large the
+        corpus); the progress bar counts tokens, its total estimated from the chunks seen so far.
         `max_tokens` batches by a padded-token budget instead of a fixed count (see `_embed`).
         """
-        return self._embed([self.renderer.encode_document(t) for t in texts], batch_size, progress, "documents",
-                           max_tokens=max_tokens)
+        from tqdm.auto import tqdm
+
+        texts = texts if isinstance(texts, list) else list(texts)
+        vecs = torch.empty((len(texts), self.hidden_size), dtype=torch.float32)
+        chars, seen_chars, seen_tokens = sum(map(len, texts)), 0, 0
+        bar = tqdm(total=0, desc="embedding documents", unit="tok", unit_scale=True, disable=not progress)
+        for start in range(0, len(texts), DOC_CHUNK):
+            chunk = texts[start:start + DOC_CHUNK]
+            seqs = self.renderer.encode_documents(chunk)
+            seen_chars, seen_tokens = seen_chars + sum(map(len, chunk)), seen_tokens + sum(map(len, seqs))
+            bar.total = seen_tokens + round((chars - seen_chars) * seen_tokens / max(seen_chars, 1))
+            bar.refresh()
+            vecs[start:start + len(chunk)] = self._embed(seqs, batch_size, False, "documents", max_tokens, bar=bar)
+        bar.close()
+        return vecs
 
     @torch.no_grad()
     def embed_queries(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> torch.Tensor:
@@ -390,13 +406,13 @@ class OneGenModel(nn.Module):
         return self._embed(seqs, batch_size, progress, "queries")
 
     def _embed(self, seqs: list[list[int]], batch_size: int, progress: bool, what: str,
-               max_tokens: int | None = None) -> torch.Tensor:
+               max_tokens: int | None = None, bar: Any = None) -> torch.Tensor:
         """Last-token hidden states (N, D) of `seqs`, run in length-sorted batches (little padding).
 
         Batches hold `batch_size` sequences, or with `max_tokens` as many as fit that budget of padded
         tokens (rows x longest row; a longer sequence runs alone): short documents then share big
         batches and long ones small ones. Right padding never changes a causal row, so the vectors are
-        the same whatever the batching.
+        the same whatever the batching. Progress counts tokens (on `bar` when given).
         """
         from tqdm.auto import tqdm
 
@@ -404,13 +420,17 @@ class OneGenModel(nn.Module):
         self.eval()
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # length-sorted: little padding
         vecs = torch.empty((len(seqs), self.hidden_size), dtype=torch.float32)
-        bar = tqdm(total=len(seqs), desc=f"embedding {what}", disable=not progress, unit="seq")
+        own = bar is None
+        if own:
+            bar = tqdm(total=sum(map(len, seqs)), desc=f"embedding {what}", disable=not progress, unit="tok",
+                       unit_scale=True)
         for idx in length_batches([len(seqs[i]) for i in order], order, batch_size, max_tokens):
             ids, mask = pad_right([seqs[i] for i in idx], self.ids.pad, self.device)
             hidden, _ = self.hidden_states(ids, mask)
             last = mask.sum(1) - 1
             vecs[idx] = hidden[torch.arange(len(idx), device=self.device), last].float().cpu()
-            bar.update(len(idx))
-        bar.close()
+            bar.update(int(mask.sum()))
+        if own:
+            bar.close()
         self.train(was_training)
         return vecs

@@ -81,14 +81,27 @@ class Renderer:
         """Token ids of a chunk of text with no special-token strings of ours in it."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
+    def encode_text(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of document texts, in one batched call. Special-token strings in them (`[RQ]`,
+        `</paragraph>`, `</s>`, ...) are plain text: a document cannot close its paragraph early or
+        carry a query token."""
+        if not texts:
+            return []
+        return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def encode_documents(self, texts: list[str]) -> list[list[int]]:
+        """Corpus documents as indexed: each text (cut to `doc_max_length - 1` tokens) then `[RD]`."""
+        bos = self._bos()
+        keep = self.doc_max_length - 1 - len(bos)
+        return [bos + ids[:keep] + [self.ids.doc] for ids in self.encode_text(texts)]
+
     def encode_document(self, text: str) -> list[int]:
-        """A corpus document as indexed: its text (cut to `doc_max_length - 1` tokens) then `[RD]`."""
-        ids = self._bos() + self.encode_chunk(text)[: self.doc_max_length - 1 - len(self._bos())]
-        return ids + [self.ids.doc]
+        """A corpus document as indexed (see `encode_documents`)."""
+        return self.encode_documents([text])[0]
 
     def encode_paragraph(self, text: str) -> list[int]:
         """A document as inserted after a query token: `<paragraph>` text `</paragraph>`."""
-        return [self.ids.open, *self.encode_chunk(text)[: self.doc_max_length], self.ids.close]
+        return [self.ids.open, *self.encode_text([text])[0][: self.doc_max_length], self.ids.close]
 
     def _bos(self) -> list[int]:
         bos = self.tokenizer.bos_token_id
@@ -188,7 +201,8 @@ class Renderer:
                 if piece == self.tokens.close:
                     in_paragraph = False
                 continue
-            enc = self.tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+            enc = self.tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True,
+                                 split_special_tokens=in_paragraph)  # a paragraph is document text
             for tid, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
                 c = start + (e - 1 if e > s else s)
                 gen = c < len(text) and bool(char_gen[c]) and not in_paragraph
