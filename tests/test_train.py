@@ -245,6 +245,8 @@ def test_cli_bad_input_one_line_exit_2_no_run_dir(tmp_path, capsys, case):
     assert rc == 2
     assert err.startswith("onegen train: error: ") and "\n" not in err, err
     assert where in err, err
+    if case == "truncation":  # every sample it would cut is named in the one error, not the first alone
+        assert "samples in all" in err and where.replace(":1", ":2") in err, err
     assert not (tmp_path / "runs").exists()
 
 
@@ -374,3 +376,16 @@ def test_public_train_is_the_function_after_any_import():
 
     assert callable(onegen.train) and onegen.train is onegen.trainer.train
     assert onegen.TrainConfig is not None and onegen.Index is not None and onegen.Engine is not None
+
+
+def test_a_half_written_metrics_line_is_skipped_on_resume(tmp_path):
+    from onegen.trainer import _append_records, _load_history
+
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": s, "lm_loss": 1.0 / s} for s in (1, 2, 3)]
+    assert _append_records(path, records[:2], 0, sync=True) == 2
+    assert _append_records(path, records, 2, sync=False) == 3  # only step 3 is appended
+    assert _load_history(path, 2) == records[:2]
+    with open(path, "a") as f:
+        f.write('{"step": 4, "lm_lo')  # killed mid-write
+    assert _load_history(path, 10) == records

@@ -130,9 +130,10 @@ class OneGenModel(nn.Module):
 
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, tokenizer_cfg: TokenizerConfig, tokens: TokensConfig,
-                    texts: list[str] | None = None, max_length: int = 1024, doc_max_length: int = 256
-                    ) -> OneGenModel:
-        """Build the model a training config asks for: pretrained from a path, or new from `scratch`."""
+                    texts: list[str] | None = None, max_length: int = 1024, doc_max_length: int = 256,
+                    progress: bool = False) -> OneGenModel:
+        """Build the model a training config asks for: pretrained from a path, or new from `scratch`
+        (a tokenizer trained on `texts`, with its progress shown under `progress`)."""
         if model_cfg.name_or_path:
             return cls.from_pretrained(model_cfg.name_or_path, tokens, tokenizer=tokenizer_cfg.name_or_path,
                                        trust_remote_code=model_cfg.trust_remote_code, max_length=max_length,
@@ -143,7 +144,7 @@ class OneGenModel(nn.Module):
             if not texts:
                 raise OneGenError("tokenizer.train needs training text", field="tokenizer.train")
             tok = train_bpe(texts, tokenizer_cfg.train.vocab_size, tokenizer_cfg.train.min_frequency,
-                            special_tokens=tokens.strings())
+                            special_tokens=tokens.strings(), progress=progress)
         else:
             tok = load_tokenizer(tokenizer_cfg.name_or_path, model_cfg.trust_remote_code)
         new_tokens = add_special_tokens(tok, tokens)

@@ -12,8 +12,9 @@ SCRATCH_SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int = 4000, min_frequency: int = 2,
-              special_tokens: list[str] | None = None) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer (HF `tokenizers`) on `texts`; `special_tokens` become single tokens."""
+              special_tokens: list[str] | None = None, progress: bool = False) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (HF `tokenizers`) on `texts`; `special_tokens` become single tokens.
+    `progress` shows the trainer's own bars (minutes on a large corpus)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -21,7 +22,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4000, min_frequency: int =
     tok.decoder = decoders.ByteLevel()
     specials = list(SCRATCH_SPECIALS.values()) + list(special_tokens or [])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=progress)
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SCRATCH_SPECIALS)
     if special_tokens:

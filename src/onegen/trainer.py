@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
+import os
 import pickle
 import random
 import shutil
@@ -35,7 +37,7 @@ from .hfparts import set_checkpointing
 from .io import normalize_permissions, write_json_atomic, write_text_atomic
 from .losses import Objective
 from .model import OneGenModel
-from .render import Rendered
+from .render import Rendered, TruncationError
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +71,18 @@ def _texts_for_tokenizer(corpus: Corpus | None, samples: list[Sample]) -> list[s
     return texts
 
 
-def build_model(config: TrainConfig, corpus: Corpus | None, samples: list[Sample], run_dir: Path) -> OneGenModel:
-    """The model to train; a from-scratch tokenizer is trained once and kept in the run directory."""
+def build_model(config: TrainConfig, corpus: Corpus | None, samples: list[Sample], run_dir: Path,
+                progress: bool = False) -> OneGenModel:
+    """The model to train; a from-scratch tokenizer is trained once (its progress shown with
+    `progress`) and kept in the run directory."""
     tok_dir = run_dir / "tokenizer"
     tok_cfg = config.tokenizer
     if config.model.scratch is not None and tok_cfg.train is not None and tok_dir.is_dir():
         tok_cfg = type(tok_cfg)(name_or_path=str(tok_dir), train=None)
     model = OneGenModel.from_config(config.model, tok_cfg, config.tokens,
                                     texts=_texts_for_tokenizer(corpus, samples),
-                                    max_length=config.data.max_length, doc_max_length=config.data.doc_max_length)
+                                    max_length=config.data.max_length, doc_max_length=config.data.doc_max_length,
+                                    progress=progress)
     model.renderer.on_truncation = config.data.on_truncation
     if config.train.lora is not None:
         model.add_lora(config.train.lora)
@@ -86,13 +91,20 @@ def build_model(config: TrainConfig, corpus: Corpus | None, samples: list[Sample
     return model
 
 
-def render_all(model: OneGenModel, samples: list[Sample]) -> list[Rendered]:
-    """Render every sample; truncation warns naming the samples it cut (file:line of the first few)."""
+def render_all(model: OneGenModel, samples: list[Sample], progress: bool = False) -> list[Rendered]:
+    """Render every sample; truncation warns naming the samples it cut (file:line of the first few).
+    Under `data.on_truncation: error` every sample is rendered first, so one error names them all."""
+    from tqdm.auto import tqdm
+
     r = model.renderer
-    rendered, cut, dropped, tail = [], [], [], []
-    for sample in samples:
+    rendered, cut, dropped, tail, refused = [], [], [], [], []
+    for sample in tqdm(samples, desc="rendering samples", unit="sample", disable=not progress, leave=False):
         shortened = r.shortened
-        out = r.render(sample)
+        try:
+            out = r.render(sample)
+        except TruncationError as e:
+            refused.append((sample, e))
+            continue
         if out is None:
             dropped.append(sample)
             continue
@@ -102,6 +114,10 @@ def render_all(model: OneGenModel, samples: list[Sample]) -> list[Rendered]:
             tail.append(sample)
         rendered.append(_drop_untargeted(out))
     n = r.max_length
+    if refused:
+        sample, first = refused[0]
+        more = f"; {len(refused)} samples in all: {_where([s for s, _ in refused])}" if len(refused) > 1 else ""
+        raise TruncationError(first.message + more, file=first.file, line=first.line, field=first.field)
     if cut:
         log.warning("data.max_length=%d cuts query tokens of %d samples; data.on_truncation shorten dropped "
                     "their cut retrievals: %s", n, len(cut), _where(cut))
@@ -236,9 +252,15 @@ def _step_indices(n: int, global_batch: int, step: int, seed: int) -> list[int]:
     """The sample indices of optimizer step `step`: a slice of a per-epoch seeded permutation."""
     per_epoch = max(1, n // global_batch)
     epoch, i = divmod(step, per_epoch)
+    return list(_epoch_order(n, seed, epoch)[i * global_batch:(i + 1) * global_batch])
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """The seeded permutation of one epoch, made once per epoch (not per step: O(n) each)."""
     perm = list(range(n))
     random.Random(seed * 1_000_003 + epoch).shuffle(perm)
-    return perm[i * global_batch:(i + 1) * global_batch]
+    return tuple(perm)
 
 
 def train(config: TrainConfig, progress: bool | None = None) -> Path:
@@ -274,8 +296,9 @@ def _train(config: TrainConfig, progress: bool | None) -> Path:
     rank, world = accelerator.process_index, accelerator.num_processes
     run_dir = Path(config.output_dir)
     set_seed(tc.seed)
-    model = build_model(config, corpus, samples, run_dir)
-    rendered = render_all(model, samples)
+    show_setup = (tc.progress if progress is None else progress) and accelerator.is_main_process
+    model = build_model(config, corpus, samples, run_dir, show_setup)
+    rendered = render_all(model, samples, show_setup)
     lm_on, ret_on = config.loss.lm_weight > 0, config.loss.retrieval_weight > 0
     if not lm_on:  # retrieval-only training: samples without a query token teach nothing
         rendered = [r for r in rendered if r.ret_positions]
@@ -313,6 +336,9 @@ def _train(config: TrainConfig, progress: bool | None) -> Path:
         start_step = _resume(accelerator, run_dir)
     metrics_path = run_dir / "metrics.jsonl"
     history = _load_history(metrics_path, start_step) if accelerator.is_main_process else []
+    if accelerator.is_main_process:  # rewritten once (a resumed run drops records past its checkpoint), then appended
+        write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+    logged = len(history)
 
     show = (tc.progress if progress is None else progress) and accelerator.is_main_process
     from tqdm.auto import tqdm
@@ -369,12 +395,12 @@ def _train(config: TrainConfig, progress: bool | None) -> Path:
         # a checkpoint also at the last step, so a run can be continued with a larger max_steps
         checkpoint = bool(tc.save_every) and (done % tc.save_every == 0 or done == total_steps)
         if accelerator.is_main_process and (done % tc.log_every == 0 or done == total_steps or checkpoint):
-            write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history))  # resume keeps it
+            logged = _append_records(metrics_path, history, logged, sync=checkpoint)  # resume keeps it
         if checkpoint:
             _save_checkpoint(accelerator, run_dir, done, tc.keep_checkpoints)
     bar.close()
     if accelerator.is_main_process:
-        write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+        _append_records(metrics_path, history, logged, sync=True)
         inner.save_pretrained(run_dir / "model")
         _plot(history, run_dir / "loss.png")
         write_json_atomic(run_dir / "summary.json", {"steps": total_steps, "final": history[-1] if history else {},
@@ -385,10 +411,29 @@ def _train(config: TrainConfig, progress: bool | None) -> Path:
 
 
 def _load_history(path: Path, upto: int) -> list[dict]:
+    """The records of steps up to `upto`; a line a killed run left half-written is skipped."""
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["step"] <= upto]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= upto]
+
+
+def _append_records(path: Path, history: list[dict], logged: int, sync: bool) -> int:
+    """Append the records not yet in the file (a log grows by its new lines, not rewritten whole: that
+    was O(steps) per write); `sync` at checkpoints, so the log holds every step a resume starts after.
+    Returns how many records the file holds."""
+    if logged < len(history):
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in history[logged:]))
+            f.flush()
+            if sync:
+                os.fsync(f.fileno())
+    return len(history)
 
 
 def _save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> None:
