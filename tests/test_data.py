@@ -274,3 +274,10 @@ def test_nested_gold_spans_are_evaluation_input_but_not_training_data():
     assert [len(i.entities) for i in read_eval_items(path, "el")] == [2, 2]
     with pytest.raises(OneGenError, match="el_overlap.jsonl:2 field 'entities'.*overlap"):
         read_el_items(path)
+
+
+def test_documents_without_text_are_read_with_a_warning(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "corpus.jsonl", [{"id": "a", "text": "Velmora"}, {"id": "b", "text": " "}])
+    with caplog.at_level("WARNING"):
+        assert [d.id for d in read_corpus(path).docs] == ["a", "b"]
+    assert "1 documents have no text" in caplog.text and "corpus.jsonl:2" in caplog.text

@@ -6,6 +6,7 @@ Inside the library, records are trusted. Readers never modify their input files.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,8 @@ from typing import Any
 
 from .errors import OneGenError
 from .io import read_jsonl
+
+log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
 
@@ -202,14 +205,20 @@ def as_corpus(docs: Any) -> Corpus:
 # -- readers -------------------------------------------------------------------------------------
 
 def read_corpus(path: str | Path) -> Corpus:
-    """Read a corpus JSONL (`id`, `text`, optional `title`); ids must be unique."""
-    docs, seen = [], {}
+    """Read a corpus JSONL (`id`, `text`, optional `title`); ids must be unique; documents without text
+    are warned about."""
+    docs, seen, blank = [], {}, []
     for row in _rows(path):
         doc_id = row.id()
         _check_unique(row, seen, doc_id)
         text = row.get("text", str)
         title = row.get("title", str, required=False)
         docs.append(Document(doc_id, text, title))
+        if not text.strip():
+            blank.append(row.where)
+    if blank:
+        log.warning("%d documents have no text (%s%s): each is indexed as its [RD] token alone, so all of them "
+                    "get the same vector", len(blank), ", ".join(blank[:3]), ", ..." if len(blank) > 3 else "")
     return Corpus(docs, source=str(path))
 
 
