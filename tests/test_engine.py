@@ -233,6 +233,25 @@ def test_rows_end_at_the_models_position_limit(corpus, fast):
         engine.generate(["word " * 100])
 
 
+@pytest.mark.parametrize("fast", [False, None])
+def test_prompts_prefilled_in_chunks_give_the_same_results(model, index, corpus, monkeypatch, fast):
+    """A long prompt feeds PREFILL_CHUNK tokens a step (its attention mask stays chunk x length) while the
+    other rows go on decoding: the same tokens, retrievals and query vectors as prefilling it at once."""
+    from onegen import engine as engine_module
+
+    kw = {**GEN, "keep_vectors": True}
+    plain = Engine(model, index, corpus=corpus, fast=fast)
+    whole = plain.generate(QUESTIONS, **kw)
+    monkeypatch.setattr(engine_module, "PREFILL_CHUNK", 3)
+    chunked = Engine(model, index, corpus=corpus, fast=fast)
+    results = chunked.generate(QUESTIONS, **kw)
+    _same_results(results, whole)
+    for a, b in zip(results, whole, strict=True):
+        for ea, eb in zip(a.retrievals, b.retrievals, strict=True):
+            torch.testing.assert_close(ea.query_vec, eb.query_vec, rtol=1e-4, atol=1e-5)
+    assert chunked.stats["forwards"] > plain.stats["forwards"] + 5  # the prompts took several steps each
+
+
 def test_pipeline_mode_counts_retriever_tokens(model, corpus):
     other = _model(1)
     r_index = Index.build(other, corpus, progress=False)

@@ -77,6 +77,7 @@ class _Row:
     max_new: int = 64
     queued: int = 0  # its queries waiting in the search queue
     waiting: bool = False  # idle until its queued query is searched (insert mode)
+    pending: list[int] = field(default_factory=list)  # prompt tokens still to prefill, PREFILL_CHUNK a step
 
     @property
     def history(self) -> list[int]:
@@ -189,6 +190,8 @@ class Engine:
         longest = max(len(r.prompt) + r.max_new for r in rows) + inserts
         stepper = self.new_stepper(len(rows), longest if self._limit is None else min(longest, self._limit))
         needs_history = getattr(stepper, "needs_history", False)  # only recomputation re-reads whole rows
+        for r in rows if not needs_history else ():  # long prompts prefill in chunks: attention memory O(chunk x T)
+            r.feed, r.pending = r.feed[:PREFILL_CHUNK], r.feed[PREFILL_CHUNK:]
         select = TokenSelector(m, self._eos, do_sample, temperature, top_p, force_every is not None, ignore_eos)
         scan = getattr(self.retriever if self.mode == "pipeline" else self.index, "scan_bytes", 0)
         queue = _SearchQueue(self.search_wait, scan, link, *self._step_bytes)
@@ -208,6 +211,10 @@ class Engine:
                 queue.add(i, len(r.stream) - 1, None if vecs is None else vecs[n])
                 r.queued += 1
                 r.feed, r.waiting = ([], True) if not link else (r.feed, False)
+            prefilling = {i for i, r in enumerate(rows) if r.pending}  # their prompt goes on: nothing to decode
+            for i in prefilling:
+                r = rows[i]
+                r.feed, r.pending = r.pending[:PREFILL_CHUNK], r.pending[PREFILL_CHUNK:]
             # 3. the queued queries are searched as one batch now, or wait a step; (insert mode) rows whose
             #    query was searched feed their paragraph next. Before decoding: in link mode a row's
             #    retrieval comes before the token after its [RQ]
@@ -230,7 +237,8 @@ class Engine:
             else:
                 queue.wait(rows)
             # 4. every other live row that is not waiting decodes a token: all picked at once, one transfer
-            decoding = [i for i, r in enumerate(rows) if not r.done and not r.waiting and i not in inserted]
+            decoding = [i for i, r in enumerate(rows) if not r.done and not r.waiting and i not in inserted
+                        and i not in prefilling]
             if decoding:
                 no_rq = [len(rows[i].events) + rows[i].queued >= max_retrievals for i in decoding]
                 tokens = select(logits, decoding, no_rq, [rows[i].generator for i in decoding])
@@ -372,6 +380,7 @@ class Engine:
 
 
 PARAGRAPH_CACHE = 65536  # documents whose inserted tokens the engine keeps
+PREFILL_CHUNK = 1024  # prompt tokens a row feeds per step: a 16k-token prompt never needs a 16k x 16k mask
 SEARCH_MAX_WAIT = 16  # steps a query may wait under search_wait="auto" (in link mode, where waiting is free)
 
 
