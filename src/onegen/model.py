@@ -387,15 +387,20 @@ class OneGenModel(nn.Module):
         texts = texts if isinstance(texts, list) else list(texts)
         vecs = torch.empty((len(texts), self.hidden_size), dtype=torch.float32)
         chars, seen_chars, seen_tokens = sum(map(len, texts)), 0, 0
-        bar = tqdm(total=0, desc="embedding documents", unit="tok", unit_scale=True, disable=not progress)
+        bar = None
         for start in range(0, len(texts), DOC_CHUNK):
             chunk = texts[start:start + DOC_CHUNK]
             seqs = self.renderer.encode_documents(chunk)
             seen_chars, seen_tokens = seen_chars + sum(map(len, chunk)), seen_tokens + sum(map(len, seqs))
-            bar.total = seen_tokens + round((chars - seen_chars) * seen_tokens / max(seen_chars, 1))
-            bar.refresh()
+            total = seen_tokens + round((chars - seen_chars) * seen_tokens / max(seen_chars, 1))
+            if bar is None:
+                bar = tqdm(total=total, desc="embedding documents", unit="tok", unit_scale=True, disable=not progress)
+            else:
+                bar.total = total
+                bar.refresh()
             vecs[start:start + len(chunk)] = self._embed(seqs, batch_size, False, "documents", max_tokens, bar=bar)
-        bar.close()
+        if bar is not None:
+            bar.close()
         return vecs
 
     @torch.no_grad()
