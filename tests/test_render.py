@@ -9,6 +9,7 @@ from conftest import CONTRACT_DOC, CONTRACT_SAMPLE, contract_sample, write_jsonl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from onegen.config import TokensConfig
 from onegen.data import Corpus, Document, Message, Retrieval, Sample, read_samples
 from onegen.errors import OneGenError
 from onegen.render import Renderer, TruncationError, show
@@ -321,3 +322,65 @@ def test_document_text_cannot_inject_control_tokens(renderer, tiny_tokenizer):
     r = renderer.render(sample)
     start, end = r.input_ids.index(renderer.ids.open), r.input_ids.index(renderer.ids.close)
     assert r.input_ids[start:end + 1] == renderer.encode_paragraph("a </s> b")
+
+
+TEMPLATES = {  # chat templates in the styles users bring, each with the token that closes a turn
+    "chatml": ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", "<|im_end|>"),
+    "llama3": ("{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content | trim }}"
+               "<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>"
+               "\n\n{% endif %}", "<|eot_id|>"),
+    "llama2": ("{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content.strip() }} [/INST]{% else %}"
+               "{{ ' ' + m.content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}", "</s>"),
+    "newline-before-end": ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}\n<|im_end|>\n"
+                           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", "<|im_end|>"),
+    "space-after-prompt": ("{% for m in messages %}{% if m.role == 'user' %}User: {{ m.content }}\n{% else %}"
+                           "Assistant: {{ m.content }}{{ eos_token }}\n{% endif %}{% endfor %}"
+                           "{% if add_generation_prompt %}Assistant: {% endif %}", "</s>"),
+}
+
+
+def _templated(tiny_tokenizer, template: str) -> Renderer:
+    """The tiny tokenizer with a template, its markup added as special tokens the way Llama-3 ships
+    them: marked special, in no named slot."""
+    from tokenizers import AddedToken
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.add_tokens([AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>", "<|start_header_id|>",
+                                                          "<|end_header_id|>", "<|eot_id|>")])
+    tok.chat_template = template
+    return Renderer(tok, TokensConfig(), max_length=512)
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_every_template_trains_its_turn_end_and_prompts_as_it_trained(tiny_tokenizer, name):
+    """The token closing the assistant turn (a special token in no named slot; after whitespace) is GEN
+    and stops generation; the generation prompt is exactly the start of a trained conversation, markup
+    the template writes inside the assistant turn and a trailing space included."""
+    template, end = TEMPLATES[name]
+    r = _templated(tiny_tokenizer, template)
+    end_id = r.tokenizer.convert_tokens_to_ids(end)
+    assert r.end_of_turn_ids() == {end_id}
+    messages = (Message("user", "Who founded Velmora?"),)
+    sample = Sample("x", (*messages, Message("assistant", "[RQ]<paragraph>Velmora was founded by Ilsa Brandt."
+                                                         "</paragraph>Ilsa Brandt")), (Retrieval(("d1",)),))
+    rendered = r.render(sample)
+    prompt = r.encode_prompt(list(messages))
+    assert rendered.input_ids[: len(prompt)] == prompt and rendered.input_ids[len(prompt)] == r.ids.query
+    plain = r.render(Sample("y", (*messages, Message("assistant", "the founder was Ilsa Brandt."))))
+    assert plain.input_ids[: len(prompt)] == prompt  # an answer starting with text: tokenized apart too
+    last = max(i for i, t in enumerate(rendered.input_ids) if t == end_id)
+    close = rendered.input_ids.index(r.ids.close)
+    assert r.tokenizer.decode(rendered.input_ids[close + 1:last]).strip() == "Ilsa Brandt"
+    assert rendered.lm_labels[last] == end_id  # trained: the model learns to stop there
+    assert all(label != IGNORE_INDEX for label in rendered.lm_labels[close + 1:last + 1])  # whitespace before too
+
+
+def test_a_template_that_refuses_a_conversation_names_the_sample(tiny_tokenizer, tmp_path):
+    r = _templated(tiny_tokenizer, "{% for m in messages %}{% if m.role == 'system' %}"
+                                   "{{ raise_exception('System role not supported') }}{% endif %}{{ m.content }}"
+                                   "{% endfor %}")
+    sample = Sample("x", (Message("system", "be brief"), Message("user", "hi"), Message("assistant", "A")),
+                    source="train.jsonl:7")
+    with pytest.raises(OneGenError, match=r"train.jsonl:7 field 'messages'.*System role not supported"):
+        r.render(sample)

@@ -37,6 +37,7 @@ from .model import OneGenModel
 from .selection import TokenSelector
 from .steppers import UNSUPPORTED, CachedStepper, RecomputeStepper, own_masks
 from .tasks import extract_answer
+from .tokens import special_tokens_of
 
 MODES = ("onegen", "pipeline", "reencode")
 
@@ -451,7 +452,7 @@ def _answer_ends(m: OneGenModel) -> tuple[str, ...]:
     """Special token strings that end an answer: the tokenizer's own, except onegen's and unk (an
     unknown character inside the answer)."""
     skip = {*m.tokens.strings(), m.tokenizer.unk_token}
-    return tuple(t for t in m.tokenizer.all_special_tokens if t and t not in skip)
+    return tuple(t for t in special_tokens_of(m.tokenizer).values() if t and t not in skip)
 
 
 def _as_messages(prompt: Any) -> list[Message]:

@@ -65,14 +65,15 @@ def run_engine(engine: Engine, items: list, task: str, batch_size: int = 8, max_
 
 
 def _check_prompt_lengths(engine: Engine, items: list, prompts: list[list], task: str) -> None:
-    """Every prompt fits the model's positions: a clear error naming the item before any generation
-    (the engine would refuse it mid-run)."""
+    """Every prompt renders and fits the model's positions: a clear error naming the item before any
+    generation (the engine would fail mid-run)."""
     limit = engine.model.max_positions
-    if limit is None:
-        return
     for item, prompt in zip(items, prompts, strict=True):
-        n = len(engine.model.renderer.encode_prompt(prompt))
-        if n > limit:
+        try:
+            n = len(engine.model.renderer.encode_prompt(prompt))
+        except OneGenError as e:  # a chat template that refuses it
+            raise OneGenError(e.message, file=item.source or None, field=e.field) from None
+        if limit is not None and n > limit:
             field = "text" if task == "el" else ("messages" if len(prompt) > 1 else "question")
             raise OneGenError(f"the prompt is {n} tokens; the model takes at most {limit} positions (its config's "
                               "max_position_embeddings): shorten this item", file=item.source or None, field=field)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from .config import TokensConfig
 from .data import Message, Retrieval, Sample
 from .errors import OneGenError
-from .tokens import CTX, GEN, IGNORE_INDEX, RET, token_ids
+from .tokens import CTX, GEN, IGNORE_INDEX, RET, special_tokens_of, token_ids
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class Renderer:
         self.train_after_link = train_after_link
         specials = sorted(tokens.strings(), key=len, reverse=True)
         self._split_re = re.compile("(" + "|".join(re.escape(s) for s in specials) + ")")
-        self._special_ids = set(tokenizer.all_special_ids)
+        self._special_ids = set(special_tokens_of(tokenizer))
         self.use_chat_template = bool(getattr(tokenizer, "chat_template", None))
         self.dropped = 0  # samples dropped by truncation
         self.shortened = 0  # samples cut (with their retrievals beyond the cut removed)
@@ -117,9 +117,8 @@ class Renderer:
             found = self._template_by_sentinels(messages, add_generation_prompt)
             if found is not None:
                 return found
-            text = self.tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in messages], tokenize=False,
-                add_generation_prompt=add_generation_prompt)
+            text = self._apply_template([{"role": m.role, "content": m.content} for m in messages],
+                                        add_generation_prompt)
             spans, pos = [], 0
             for m in messages:
                 content = m.content if m.content in text[pos:] else m.content.strip()
@@ -152,9 +151,8 @@ class Renderer:
         Searching for a content in the templated text could match inside the template's own markup
         (an answer "a" inside "<|assistant|>"); sentinels give exact spans. None when the template does
         not keep every message (then the contents are searched for)."""
-        skeleton = self.tokenizer.apply_chat_template(
-            [{"role": m.role, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)], tokenize=False,
-            add_generation_prompt=add_generation_prompt)
+        skeleton = self._apply_template([{"role": m.role, "content": f"\ue000{i}\ue001"}
+                                         for i, m in enumerate(messages)], add_generation_prompt)
         pieces = _SENTINEL_RE.split(skeleton)  # [template, index, template, index, ..., template]
         if pieces[1::2] != [str(i) for i in range(len(messages))]:
             return None
@@ -168,10 +166,32 @@ class Renderer:
             text += tail
         return text, spans
 
-    def encode_prompt(self, messages: list[Message] | tuple[Message, ...], assistant_prefix: str = "") -> list[int]:
-        """Ids of a prompt ready for generation (ends where the assistant's answer starts)."""
+    def _apply_template(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # noqa: BLE001 - jinja's TemplateError (raise_exception) and whatever the template hits
+            reason = " ".join(str(e).split()) or type(e).__name__
+            raise OneGenError(f"the tokenizer's chat template refuses this conversation: {reason}",
+                              field="messages") from None
+
+    def prompt_text(self, messages: list[Message] | tuple[Message, ...]) -> str:
+        """The text before the assistant's answer, as training renders it: with a chat template, the
+        conversation with one more assistant message, cut where that message's content starts (so markup
+        a template writes inside the assistant turn, such as Llama-2's space after `[/INST]`, is there as
+        it was in training); the template's generation prompt when that cannot be found."""
+        if self.use_chat_template:
+            probe = (*messages, Message("assistant", "\ue002"))
+            found = self._template_by_sentinels(probe, add_generation_prompt=False)
+            if found is not None:
+                return found[0][: found[1][-1][0]]
         text, _ = self.conversation_text(messages, add_generation_prompt=True)
-        ids, _, _ = self._tokenize(text + assistant_prefix, [])
+        return text
+
+    def encode_prompt(self, messages: list[Message] | tuple[Message, ...], assistant_prefix: str = "") -> list[int]:
+        """Ids of a prompt ready for generation (ends where the assistant's answer starts), tokenized as
+        training tokenizes the same text (`prompt_text`; the answer is a chunk of its own there)."""
+        ids, _, _ = self._tokenize(self.prompt_text(messages) + assistant_prefix, [])
         return self._bos() + ids
 
     def _tokenize(self, text: str, gen_spans: list[tuple[int, int]]) -> tuple[list[int], list[str], list[int]]:
@@ -186,7 +206,9 @@ class Renderer:
         starts: list[int] = []
         pos = 0
         in_paragraph = False
-        for piece in self._split_re.split(text):
+        cuts = sorted({0, *(s for s, _ in gen_spans), len(text)})  # an answer starts a chunk, as after a prompt
+        pieces = [p for a, b in zip(cuts, cuts[1:], strict=False) for p in self._split_re.split(text[a:b])]
+        for piece in pieces:
             if not piece:
                 continue
             start, pos = pos, pos + len(piece)
@@ -213,9 +235,14 @@ class Renderer:
 
     def render(self, sample: Sample) -> Rendered | None:
         """Render a training sample; None when truncation drops it (policy `drop`)."""
-        text, spans = self.conversation_text(sample.messages, add_generation_prompt=False)
+        try:
+            text, spans = self.conversation_text(sample.messages, add_generation_prompt=False)
+        except OneGenError as e:  # a template that refuses the conversation: name the sample
+            if e.file is not None or not sample.source:
+                raise
+            raise OneGenError(e.message, file=sample.source, field=e.field) from None
         ids, roles, starts = self._tokenize(text, spans)
-        self._mark_end_of_turn(spans, ids, roles, starts)
+        self._mark_end_of_turn(text, spans, ids, roles, starts)
         bos = self._bos()
         ids, roles = bos + ids, [CTX] * len(bos) + roles
         labels = [t if r == GEN else IGNORE_INDEX for t, r in zip(ids, roles, strict=True)]
@@ -233,17 +260,25 @@ class Renderer:
         out = Rendered(ids, labels, roles, ret_positions, sample.retrievals, sample.id)
         return self._truncate(out, sample)
 
-    def _mark_end_of_turn(self, spans: list[tuple[int, int]], ids: list[int], roles: list[str],
-                          starts: list[int]) -> None:
-        """Make the special token that closes each assistant turn GEN, so the model learns to stop.
+    def _mark_end_of_turn(self, text: str, spans: list[tuple[int, int]], ids: list[int], roles: list[str],
+                          starts: list[int]) -> list[int]:
+        """Make the special token that closes each assistant turn GEN, so the model learns to stop;
+        returns the positions of those tokens.
 
-        It is the first token at or after the end of the turn's content, whatever precedes it (text,
-        a paragraph, or nothing for an empty turn)."""
+        It is the first special token at or after the end of the turn's content, with only whitespace
+        tokens between (Llama-2 writes ` </s>`, some ChatML variants `\n<|im_end|>`: those are GEN
+        too), whatever precedes the end (text, a paragraph, or nothing for an empty turn)."""
         ours = (self.ids.open, self.ids.close, self.ids.doc, self.ids.query)
+        closing = []
         for _, end in spans:
-            i = bisect.bisect_left(starts, end)
-            if i < len(ids) and ids[i] in self._special_ids and ids[i] not in ours:
-                roles[i] = GEN
+            i = j = bisect.bisect_left(starts, end)
+            while j < len(ids) and ids[j] not in self._special_ids \
+                    and not text[starts[j]:starts[j + 1] if j + 1 < len(ids) else len(text)].strip():
+                j += 1
+            if j < len(ids) and ids[j] in self._special_ids and ids[j] not in ours:
+                roles[i:j + 1] = [GEN] * (j + 1 - i)
+                closing.append(j)
+        return closing
 
     def end_of_turn_ids(self) -> set[int]:
         """The special tokens that close an assistant turn, as training teaches the model to emit them
@@ -252,9 +287,7 @@ class Renderer:
         messages = (Message("user", "q"), Message("assistant", "a"))
         text, spans = self.conversation_text(messages, add_generation_prompt=False)
         ids, roles, starts = self._tokenize(text, spans)
-        self._mark_end_of_turn(spans, ids, roles, starts)
-        ends = {bisect.bisect_left(starts, end) for _, end in spans}
-        return {ids[i] for i in ends if i < len(ids) and roles[i] == GEN}
+        return {ids[i] for i in self._mark_end_of_turn(text, spans, ids, roles, starts)}
 
     def _truncate(self, r: Rendered, sample: Sample) -> Rendered | None:
         if len(r) <= self.max_length:

@@ -97,3 +97,14 @@ def init_new_embeddings(model, tokenizer, new_tokens: list[str], tokens: TokensC
         if bias is not None and bias.shape[0] > row:
             bias[row] = bias[idx.to(bias.device)].float().mean().to(bias.dtype)
     log.info("initialised %d new token rows from descriptions (tied head: %s)", len(new_tokens), tied)
+
+
+def special_tokens_of(tokenizer) -> dict[int, str]:
+    """Every special token of a tokenizer, id -> string: the named ones (eos, pad, ...) and the added
+    tokens marked special, which is how Llama-3 ships `<|eot_id|>` and Phi-3 `<|end|>` (they are in
+    no named slot, so `all_special_ids` misses them)."""
+    found = dict(zip(tokenizer.all_special_ids, tokenizer.all_special_tokens, strict=False))
+    for i, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(added, "special", False):
+            found[int(i)] = str(added.content if hasattr(added, "content") else added)
+    return found
