@@ -139,6 +139,66 @@ def test_lora_saves_what_the_checkpoint_lacked(tiny_model_dir, samples, corpus, 
     _assert_same_outputs(before, _outputs(first, QUESTIONS))
 
 
+def test_lora_keeps_a_weight_the_checkpoint_lacked_inside_a_module_it_adapts(tokens, tiny_tokenizer, samples,
+                                                                              corpus, tmp_path):
+    """Qwen2's q_proj has a bias: with only its weight missing the module is not new as a whole, and
+    LoRA adapts it; the random weight is saved beside the adapter and comes back on every load."""
+    from safetensors.torch import load_file, save_file
+
+    from onegen.config import ModelConfig, ScratchConfig, TokenizerConfig
+
+    tok_dir = tmp_path / "tok"
+    tiny_tokenizer.save_pretrained(str(tok_dir))
+    torch.manual_seed(0)
+    scratch = ScratchConfig(architecture="qwen2", hidden_size=32, num_layers=2, num_heads=2)
+    ckpt = OneGenModel.from_config(ModelConfig(scratch=scratch), TokenizerConfig(name_or_path=str(tok_dir)),
+                                   tokens).save_pretrained(tmp_path / "ckpt")
+    weights = load_file(ckpt / "model.safetensors")
+    del weights["model.layers.0.self_attn.q_proj.weight"]
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    model = OneGenModel.from_pretrained(ckpt, lora=LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    before = _outputs(model.eval(), QUESTIONS)
+    out = model.save_pretrained(tmp_path / "lora")
+    first, second = (OneGenModel.from_pretrained(out) for _ in range(2))
+    assert first.fingerprint() == second.fingerprint() == json.loads((out / ONEGEN_JSON).read_text())["fingerprint"]
+    _assert_same_outputs(before, _outputs(first, QUESTIONS))
+
+
+def test_lora_directories_merge_for_full_training_and_refuse_a_second_adapter(tiny_model_dir, samples, corpus,
+                                                                              tmp_path):
+    from onegen.errors import OneGenError
+
+    model = OneGenModel.from_pretrained(tiny_model_dir, lora=LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    _step(model, _batch(model, samples, corpus), lr=1e-2)
+    out = model.eval().save_pretrained(tmp_path / "lora")
+    with pytest.raises(OneGenError, match="holds a LoRA adapter"):
+        OneGenModel.from_pretrained(out, lora=LoraConfig(r=4))
+    loaded = OneGenModel.from_pretrained(out)
+    assert not loaded.training  # loaded models come back in eval mode, and stay so after embedding
+    loaded.embed_queries(QUESTIONS[:1])
+    assert not loaded.training and not loaded.lm.training
+    before = _outputs(loaded, QUESTIONS)
+    loaded.merge_lora()
+    assert not loaded.is_lora and all(p.requires_grad for p in loaded.parameters())
+    merged = _outputs(loaded, QUESTIONS)
+    for key in before:
+        torch.testing.assert_close(merged[key], before[key], rtol=1e-4, atol=1e-5)
+    with pytest.raises(OneGenError, match="field 'train.lora.target_modules'"):
+        OneGenModel.from_pretrained(tiny_model_dir, lora=LoraConfig(r=4, target_modules=["nonexistent_proj"]))
+
+
+def test_an_adapter_whose_base_moved_says_where_it_looked(tiny_model_dir, tmp_path):
+    from onegen.errors import OneGenError
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    out = OneGenModel.from_pretrained(base, lora=LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "lora")
+    shutil.rmtree(base)
+    with pytest.raises(OneGenError, match=f"field 'base_model'.*{base}"):
+        OneGenModel.from_pretrained(out)
+
+
 def test_a_onegen_model_keeps_its_tokens_and_refuses_others(tiny_model_dir):
     from onegen.config import TokensConfig
     from onegen.errors import OneGenError

@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 def load_causal_lm(path: str, dtype: torch.dtype | str | None, trust_remote_code: bool) -> nn.Module:
     """The HF causal LM at `path` (a directory or hub id), in `dtype` when given.
 
-    Its `onegen_fresh_modules` attribute lists the modules the checkpoint had no weights for (newly
-    initialised at random: an encoder's LM-head transform, say), which a LoRA adapter must save."""
+    Its `onegen_missing_keys` attribute lists the parameters the checkpoint had no weights for (newly
+    initialised at random: an encoder's LM-head transform, say), which a LoRA adapter must save, and
+    `onegen_fresh_modules` the modules made only of such parameters."""
     import pickle
 
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -50,7 +51,8 @@ def load_causal_lm(path: str, dtype: torch.dtype | str | None, trust_remote_code
     hf_logging.disable_progress_bar()  # its per-tensor bar would come before a one-line error on stderr
     try:
         lm, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
-        lm.onegen_fresh_modules = fresh_modules(lm, set(info.get("missing_keys") or ()))
+        lm.onegen_missing_keys = sorted(info.get("missing_keys") or ())
+        lm.onegen_fresh_modules = fresh_modules(lm, set(lm.onegen_missing_keys))
         return lm
     except (OSError, ValueError) as e:
         raise OneGenError(f"cannot load a causal LM from '{path}': {str(e).splitlines()[0]}") from None

@@ -34,6 +34,7 @@ from .tokens import add_special_tokens, init_new_embeddings, token_ids
 
 log = logging.getLogger(__name__)
 DOC_CHUNK = 8192  # documents tokenized and embedded at a time
+FRESH_WEIGHTS = "onegen_fresh.safetensors"  # base weights a LoRA model's checkpoint lacked, saved beside the adapter
 
 
 class OneGenModel(nn.Module):
@@ -57,6 +58,7 @@ class OneGenModel(nn.Module):
         self.renderer = Renderer(tokenizer, tokens, max_length=max_length, doc_max_length=doc_max_length)
         self.base_model = base_model
         self._set_parts()
+        self.train(lm.training)  # a loaded model comes back in eval mode, as HF's does
 
     def _set_parts(self) -> None:
         # Plain attributes, not submodules: they are parts of `self.lm` already.
@@ -102,6 +104,11 @@ class OneGenModel(nn.Module):
         tok = load_tokenizer(tokenizer or path, trust_remote_code)
         new_tokens = add_special_tokens(tok, tokens)
         if meta is not None and meta.get("lora"):
+            if lora is not None:
+                raise OneGenError(f"this model directory holds a LoRA adapter (over {meta.get('base_model')}): "
+                                  "an adapter is not stacked on another; start the new adapter from that base "
+                                  "checkpoint, resume the adapter's own run, or train this one without train.lora "
+                                  "(its adapter is then merged and every weight trained)", file=path, field="lora")
             return cls._load_lora(path, meta, tok, tokens, dtype, device, trust_remote_code, max_length,
                                   doc_max_length)
         lm = load_causal_lm(path, dtype, trust_remote_code)
@@ -119,7 +126,20 @@ class OneGenModel(nn.Module):
         from peft import PeftModel
 
         base = meta["base_model"]
-        lm = load_causal_lm(base, dtype, trust_remote_code)
+        try:
+            lm = load_causal_lm(base, dtype, trust_remote_code)
+        except OneGenError as e:
+            raise OneGenError(f"the adapter was trained over the base model {base}, which does not load ({e.message}); "
+                              f"put it back there, or set base_model in {ONEGEN_JSON} to where it is now",
+                              file=path, field="base_model") from None
+        fresh = Path(path) / FRESH_WEIGHTS
+        if fresh.is_file():  # base weights the checkpoint lacked, kept with the adapter (see save_pretrained)
+            from safetensors.torch import load_file
+
+            params = dict(lm.named_parameters())
+            with torch.no_grad():
+                for name, value in load_file(str(fresh)).items():
+                    params[name].copy_(value)
         base_tok_len = lm.get_input_embeddings().weight.shape[0]
         if base_tok_len < len(tok):
             lm.resize_token_embeddings(len(tok), mean_resizing=False)
@@ -167,7 +187,21 @@ class OneGenModel(nn.Module):
         cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                              target_modules=lora.target_modules, modules_to_save=fresh or None,
                              trainable_token_indices=self._token_rows(new_ids, fresh), task_type="CAUSAL_LM")
-        self.lm = get_peft_model(self.lm, cfg)
+        try:
+            self.lm = get_peft_model(self.lm, cfg)
+        except ValueError as e:  # peft's: no module matches the target names, ...
+            raise OneGenError(" ".join(str(e).split())[:400], field="train.lora.target_modules") from None
+        self._set_parts()
+
+    def merge_lora(self) -> None:
+        """Fold the LoRA adapter into the weights: the model becomes a plain one, every parameter
+        trainable and saved whole (its fingerprint changes: rebuild indexes made with the adapter)."""
+        if not self.is_lora:
+            return
+        self.lm = self.lm.merge_and_unload()
+        for p in self.lm.parameters():
+            p.requires_grad_(True)
+        self.base_model = None
         self._set_parts()
 
     def _token_rows(self, new_ids: list[int], whole: list[str] = ()) -> list[int] | dict[str, list[int]] | None:
@@ -241,6 +275,7 @@ class OneGenModel(nn.Module):
             tmp.mkdir(parents=True)
             self.lm.save_pretrained(str(tmp))
             self.tokenizer.save_pretrained(str(tmp))
+            self._save_fresh_weights(tmp)
             meta = {"format_version": FORMAT_VERSION, "tokens": tokens_dict(self.tokens),
                     "token_ids": {"query": self.ids.query, "doc": self.ids.doc, "open": self.ids.open,
                                   "close": self.ids.close, "eos": self.ids.eos},
@@ -249,6 +284,27 @@ class OneGenModel(nn.Module):
                     "lora": self.is_lora, "base_model": self.base_model, "fingerprint": self.fingerprint()}
             (tmp / ONEGEN_JSON).write_text(json.dumps(meta, indent=2))
         return out_dir
+
+    def _save_fresh_weights(self, out_dir: Path) -> None:
+        """With an adapter: the base parameters the base checkpoint lacked (random at each load of it)
+        that the adapter does not save, i.e. not in a module it trains whole (`FRESH_WEIGHTS`)."""
+        if not self.is_lora:
+            return
+        base = self.hf_model
+        missing = getattr(base, "onegen_missing_keys", ())
+        whole = tuple(f"{m}." for m in getattr(base, "onegen_fresh_modules", ()))
+        params = dict(base.named_parameters())
+
+        def find(name: str) -> torch.Tensor | None:  # a LoRA-wrapped layer keeps its weight in `base_layer`
+            module, _, leaf = name.rpartition(".")
+            return params.get(name, params.get(f"{module}.base_layer.{leaf}"))
+
+        keep = {n: p.detach().cpu().contiguous() for n in missing if not n.startswith(whole)
+                if (p := find(n)) is not None}
+        if keep:
+            from safetensors.torch import save_file
+
+            save_file(keep, str(out_dir / FRESH_WEIGHTS))
 
     @torch.no_grad()
     def fingerprint(self, version: int = 2) -> str:

@@ -86,6 +86,9 @@ def build_model(config: TrainConfig, corpus: Corpus | None, samples: list[Sample
     model.renderer.on_truncation = config.data.on_truncation
     if config.train.lora is not None:
         model.add_lora(config.train.lora)
+    elif model.is_lora:  # full fine-tuning of a LoRA model: its adapter folded into the weights first
+        log.info("merging the LoRA adapter of %s: every weight is trained and saved", config.model.name_or_path)
+        model.merge_lora()
     if config.model.gradient_checkpointing:
         set_checkpointing(model.hf_model, True)
     return model
