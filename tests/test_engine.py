@@ -386,10 +386,10 @@ def _rows(waiting: int, running: int, length: int = 10):
 def test_search_queue_rent_or_buy():
     """auto: a scan is bought once the waiting rows' idle share of steps would cost more than it, counted
     in bytes read (weights 100 + KV 1 per token, rows of 10 tokens: a step of 64 rows reads 740)."""
-    from onegen.engine import SEARCH_MAX_WAIT, _SearchQueue
+    from onegen.searchqueue import SEARCH_MAX_WAIT, SearchQueue
 
     def queue(scan, link=False, wait="auto"):
-        q = _SearchQueue(wait, scan, link, weight_bytes=100, kv_per_token=1)
+        q = SearchQueue(wait, scan, link, weight_bytes=100, kv_per_token=1)
         q.add(0, 5, None)
         return q
 

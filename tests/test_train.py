@@ -379,13 +379,13 @@ def test_public_train_is_the_function_after_any_import():
 
 
 def test_a_half_written_metrics_line_is_skipped_on_resume(tmp_path):
-    from onegen.trainer import _append_records, _load_history
+    from onegen.rundir import append_records, load_history
 
     path = tmp_path / "metrics.jsonl"
     records = [{"step": s, "lm_loss": 1.0 / s} for s in (1, 2, 3)]
-    assert _append_records(path, records[:2], 0, sync=True) == 2
-    assert _append_records(path, records, 2, sync=False) == 3  # only step 3 is appended
-    assert _load_history(path, 2) == records[:2]
+    assert append_records(path, records[:2], 0, sync=True) == 2
+    assert append_records(path, records, 2, sync=False) == 3  # only step 3 is appended
+    assert load_history(path, 2) == records[:2]
     with open(path, "a") as f:
         f.write('{"step": 4, "lm_lo')  # killed mid-write
-    assert _load_history(path, 10) == records
+    assert load_history(path, 10) == records

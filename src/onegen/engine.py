@@ -3,7 +3,7 @@
 Each row is a small state machine: it decodes; when it feeds `[RQ]`, the hidden state of that very
 forward step is its query vector (no second pass). Queries are searched in batches: those of rows
 retrieving in the same step together, and, when rows retrieve at different steps, a query may wait a
-few steps for others while that costs less than another scan of the index (`_SearchQueue`; same
+few steps for others while that costs less than another scan of the index (`searchqueue.SearchQueue`; same
 tokens whatever the wait). In insert mode the logits of the `[RQ]` step are discarded and `<paragraph>` document
 `</paragraph>` is prefilled on top of the row's KV cache, the logits after `</paragraph>` picking the
 next token; in link mode (entity linking) the retrieved id is recorded and the `[RQ]` logits are used
@@ -34,6 +34,7 @@ import torch
 from .data import Message
 from .fastpath import FastDecoder, fast_decoder
 from .model import OneGenModel
+from .searchqueue import SearchQueue
 from .selection import TokenSelector
 from .steppers import UNSUPPORTED, CachedStepper, RecomputeStepper, own_masks
 from .tasks import extract_answer
@@ -98,7 +99,7 @@ class Engine:
         fast: the fast path (`onegen.fastpath`: static slot cache, CUDA graphs): None = when on CUDA and
             the model is supported, True = required (error if unsupported), False = the generic path; a
             `FastDecoder` is used as given (warmed-up graphs shared between engines).
-        search_wait: when to search the queries of rows that fed `[RQ]` (`_SearchQueue`): "auto" holds
+        search_wait: when to search the queries of rows that fed `[RQ]` (`searchqueue.SearchQueue`): "auto" holds
             them while idling costs less than another scan of the index, N holds them up to N steps, 0
             searches at once. The tokens are the same either way.
     """
@@ -195,7 +196,7 @@ class Engine:
             r.feed, r.pending = r.feed[:PREFILL_CHUNK], r.feed[PREFILL_CHUNK:]
         select = TokenSelector(m, self._eos, do_sample, temperature, top_p, force_every is not None, ignore_eos)
         scan = getattr(self.retriever if self.mode == "pipeline" else self.index, "scan_bytes", 0)
-        queue = _SearchQueue(self.search_wait, scan, link, *self._step_bytes)
+        queue = SearchQueue(self.search_wait, scan, link, *self._step_bytes)
         while not all(r.done for r in rows):
             # 1. one forward over every row's pending tokens (waiting rows feed nothing)
             hidden, logits = stepper.step([r.feed if not r.done else [] for r in rows],
@@ -382,62 +383,6 @@ class Engine:
 
 PARAGRAPH_CACHE = 65536  # documents whose inserted tokens the engine keeps
 PREFILL_CHUNK = 1024  # prompt tokens a row feeds per step: a 16k-token prompt never needs a 16k x 16k mask
-SEARCH_MAX_WAIT = 16  # steps a query may wait under search_wait="auto" (in link mode, where waiting is free)
-
-
-class _SearchQueue:
-    """Queries of rows that fed `[RQ]`, waiting for the index: when to search them, as one batch.
-
-    An exact search reads the whole index whatever the number of queries (1 M x 4096 fp16: 8 GB, the
-    bytes of half a 7B decode step). With rows retrieving at different steps (batch 64, a retrieval every
-    64 tokens: about one `[RQ]` per step) searching at once scans the index at nearly every step. A
-    waiting row idles instead (insert mode: it cannot go on without its paragraph), wasting its share of
-    each step. Under "auto" the queue waits while the waste so far plus one more step of it stays below
-    the price of one scan (rent or buy), in bytes read: a scan reads `scan_bytes`, a step the weights
-    and the live rows' KV cache. So a row alone never waits (its whole step outweighs a scan), a small
-    index is searched at once, and with many rows a few queries share each scan. In link mode rows do
-    not idle (nothing is inserted) and "auto" searches at once, so retrievals stream as they happen.
-    `wait=N` holds queries up to N steps (in link mode too); 0 searches at once. Every rule searches when no live row
-    could run meanwhile. Vectors do not change while they wait: the tokens are the same either way.
-    """
-
-    def __init__(self, wait: int | str, scan_bytes: int, link: bool, weight_bytes: int, kv_per_token: int):
-        # link mode: nothing is inserted, rows do not idle; "auto" searches at once so that retrievals
-        # stream as they happen (an explicit N may hold them, to share scans)
-        self.cap = (0 if link else SEARCH_MAX_WAIT) if wait == "auto" else int(wait)
-        self.auto = wait == "auto" and not link
-        self.scan_bytes, self.weight_bytes, self.kv_per_token = scan_bytes, weight_bytes, kv_per_token
-        self.items: list[tuple[int, int, torch.Tensor | None]] = []  # (row, position of [RQ], vector)
-        self.age = 0  # steps the oldest item has waited
-        self.waste = 0.0  # bytes of step time the waiting rows have idled so far
-
-    def add(self, row: int, position: int, vector: torch.Tensor | None) -> None:
-        self.items.append((row, position, vector))
-
-    def take(self) -> list[tuple[int, int, torch.Tensor | None]]:
-        items, self.items, self.age, self.waste = self.items, [], 0, 0.0
-        return items
-
-    def due(self, rows: list[_Row]) -> bool:
-        """Search now? (Else the items wait one more step: `wait`.)"""
-        if not self.items:
-            return False
-        if self.cap == 0 or self.age >= self.cap or all(r.done or r.waiting for r in rows):
-            return True
-        return self.auto and self.waste + self._idle_cost(rows) >= self.scan_bytes
-
-    def wait(self, rows: list[_Row]) -> None:
-        if self.items:
-            self.age += 1
-            self.waste += self._idle_cost(rows) if self.auto else 0.0
-
-    def _idle_cost(self, rows: list[_Row]) -> float:
-        """Bytes of one step the waiting rows waste: their share of it."""
-        live = [r for r in rows if not r.done]
-        step = self.weight_bytes + self.kv_per_token * sum(len(r.prompt) + len(r.stream) for r in live)
-        return step * sum(r.waiting for r in live) / len(live)
-
-
 def _eos_ids(m: OneGenModel) -> set[int]:
     ids = {m.ids.eos}
     cfg_eos = getattr(m.hf_model.generation_config, "eos_token_id", None) if hasattr(m.hf_model, "generation_config") else None

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import lora as lora_parts
 from .config import LoraConfig, ModelConfig, TokenizerConfig, TokensConfig
 from .device import check_device
 from .errors import OneGenError
@@ -34,7 +35,6 @@ from .tokens import add_special_tokens, init_new_embeddings, token_ids
 
 log = logging.getLogger(__name__)
 DOC_CHUNK = 8192  # documents tokenized and embedded at a time
-FRESH_WEIGHTS = "onegen_fresh.safetensors"  # base weights a LoRA model's checkpoint lacked, saved beside the adapter
 
 
 class OneGenModel(nn.Module):
@@ -123,30 +123,10 @@ class OneGenModel(nn.Module):
 
     @classmethod
     def _load_lora(cls, path, meta, tok, tokens, dtype, device, trust_remote_code, max_length, doc_max_length):
-        from peft import PeftModel
-
-        base = meta["base_model"]
-        try:
-            lm = load_causal_lm(base, dtype, trust_remote_code)
-        except OneGenError as e:
-            raise OneGenError(f"the adapter was trained over the base model {base}, which does not load ({e.message}); "
-                              f"put it back there, or set base_model in {ONEGEN_JSON} to where it is now",
-                              file=path, field="base_model") from None
-        fresh = Path(path) / FRESH_WEIGHTS
-        if fresh.is_file():  # base weights the checkpoint lacked, kept with the adapter (see save_pretrained)
-            from safetensors.torch import load_file
-
-            params = dict(lm.named_parameters())
-            with torch.no_grad():
-                for name, value in load_file(str(fresh)).items():
-                    params[name].copy_(value)
-        base_tok_len = lm.get_input_embeddings().weight.shape[0]
-        if base_tok_len < len(tok):
-            lm.resize_token_embeddings(len(tok), mean_resizing=False)
-        lm = PeftModel.from_pretrained(lm, path, is_trainable=False)
+        lm = lora_parts.load_adapter(path, meta["base_model"], len(tok), dtype, trust_remote_code)
         if device is not None:
             lm.to(device)
-        return cls(lm, tok, tokens, max_length, doc_max_length, base_model=base)
+        return cls(lm, tok, tokens, max_length, doc_max_length, base_model=meta["base_model"])
 
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, tokenizer_cfg: TokenizerConfig, tokens: TokensConfig,
@@ -173,52 +153,18 @@ class OneGenModel(nn.Module):
         return cls(lm, tok, tokens, max_length, doc_max_length, base_model=None)
 
     def add_lora(self, lora: LoraConfig) -> None:
-        """Wrap the LM in LoRA adapters; the special-token rows stay trainable (peft trainable tokens)."""
-        from peft import LoraConfig as PeftLoraConfig
-        from peft import get_peft_model
-
+        """Wrap the LM in new LoRA adapters (`onegen.lora`); the special-token rows stay trainable."""
         new_ids = sorted({self.ids.query, self.ids.doc, self.ids.open, self.ids.close, *self.ids.extra})
-        # modules the checkpoint had no weights for are random at every load of the base: train and save
-        # them whole, or the adapter would come back on a different model
-        fresh = list(getattr(self.lm, "onegen_fresh_modules", ()))
-        if fresh:
-            log.info("LoRA: also training and saving %s (not in the checkpoint: initialised at random)",
-                     ", ".join(fresh))
-        cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=lora.target_modules, modules_to_save=fresh or None,
-                             trainable_token_indices=self._token_rows(new_ids, fresh), task_type="CAUSAL_LM")
-        try:
-            self.lm = get_peft_model(self.lm, cfg)
-        except ValueError as e:  # peft's: no module matches the target names, ...
-            raise OneGenError(" ".join(str(e).split())[:400], field="train.lora.target_modules") from None
+        self.lm = lora_parts.wrap(self.lm, lora, new_ids)
         self._set_parts()
 
     def merge_lora(self) -> None:
         """Fold the LoRA adapter into the weights: the model becomes a plain one, every parameter
         trainable and saved whole (its fingerprint changes: rebuild indexes made with the adapter)."""
-        if not self.is_lora:
-            return
-        self.lm = self.lm.merge_and_unload()
-        for p in self.lm.parameters():
-            p.requires_grad_(True)
-        self.base_model = None
-        self._set_parts()
-
-    def _token_rows(self, new_ids: list[int], whole: list[str] = ()) -> list[int] | dict[str, list[int]] | None:
-        """peft's `trainable_token_indices`: the new tokens' rows of the input embedding, and of the
-        output embedding when it is a separate matrix (untied head): else the model could not learn to
-        emit `[RQ]` through its own row of the head. Modules trained `whole` already are left out."""
-        lm = self.lm
-        names = {id(m): n for n, m in lm.named_modules()}
-        inp, out = lm.get_input_embeddings(), lm.get_output_embeddings()
-        w_in, w_out = getattr(inp, "weight", None), getattr(out, "weight", None)
-        untied = not (not isinstance(w_out, torch.Tensor) or w_out is w_in or id(inp) not in names
-                      or id(out) not in names or w_out.data_ptr() == getattr(w_in, "data_ptr", lambda: None)()
-                      or w_out.dim() != 2)
-        if not untied:
-            return None if names.get(id(inp)) in whole else new_ids
-        rows = {names[id(m)]: new_ids for m in (inp, out) if names[id(m)] not in whole}
-        return rows or None
+        if self.is_lora:
+            self.lm = lora_parts.merge(self.lm)
+            self.base_model = None
+            self._set_parts()
 
     @property
     def is_lora(self) -> bool:
@@ -275,7 +221,8 @@ class OneGenModel(nn.Module):
             tmp.mkdir(parents=True)
             self.lm.save_pretrained(str(tmp))
             self.tokenizer.save_pretrained(str(tmp))
-            self._save_fresh_weights(tmp)
+            if self.is_lora:
+                lora_parts.save_fresh_weights(self.hf_model, tmp)
             meta = {"format_version": FORMAT_VERSION, "tokens": tokens_dict(self.tokens),
                     "token_ids": {"query": self.ids.query, "doc": self.ids.doc, "open": self.ids.open,
                                   "close": self.ids.close, "eos": self.ids.eos},
@@ -284,27 +231,6 @@ class OneGenModel(nn.Module):
                     "lora": self.is_lora, "base_model": self.base_model, "fingerprint": self.fingerprint()}
             (tmp / ONEGEN_JSON).write_text(json.dumps(meta, indent=2))
         return out_dir
-
-    def _save_fresh_weights(self, out_dir: Path) -> None:
-        """With an adapter: the base parameters the base checkpoint lacked (random at each load of it)
-        that the adapter does not save, i.e. not in a module it trains whole (`FRESH_WEIGHTS`)."""
-        if not self.is_lora:
-            return
-        base = self.hf_model
-        missing = getattr(base, "onegen_missing_keys", ())
-        whole = tuple(f"{m}." for m in getattr(base, "onegen_fresh_modules", ()))
-        params = dict(base.named_parameters())
-
-        def find(name: str) -> torch.Tensor | None:  # a LoRA-wrapped layer keeps its weight in `base_layer`
-            module, _, leaf = name.rpartition(".")
-            return params.get(name, params.get(f"{module}.base_layer.{leaf}"))
-
-        keep = {n: p.detach().cpu().contiguous() for n in missing if not n.startswith(whole)
-                if (p := find(n)) is not None}
-        if keep:
-            from safetensors.torch import save_file
-
-            save_file(keep, str(out_dir / FRESH_WEIGHTS))
 
     @torch.no_grad()
     def fingerprint(self, version: int = 2) -> str:

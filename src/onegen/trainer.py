@@ -6,7 +6,7 @@
    position is the step number), splits it over ranks and into accumulation micro-batches, collates
    each with an RNG seeded from (seed, step, rank, micro-batch);
 3. normalises losses by the step's token/query counts over all ranks (1 x 8 == 4 x 2 exactly);
-4. logs metrics.jsonl, checkpoints every `save_every` steps (atomic directories), and at the end
+4. logs metrics.jsonl, checkpoints every `save_every` steps (atomic directories: `rundir`), and at the end
    saves the model to `RUN/model`, a loss curve to `RUN/loss.png`.
 An interrupted run started again with the same config resumes from its last complete checkpoint.
 """
@@ -19,30 +19,28 @@ import functools
 import json
 import logging
 import math
-import os
-import pickle
 import random
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from . import rundir
 from .collate import Collator, pack_options
 from .config import TrainConfig
 from .data import Corpus, Sample, read_corpus, read_el_items, read_samples
 from .errors import OneGenError
 from .hfparts import set_checkpointing
-from .io import normalize_permissions, write_json_atomic, write_text_atomic
+from .io import write_json_atomic, write_text_atomic
 from .losses import Objective
 from .model import OneGenModel
 from .render import Rendered, TruncationError
+from .rundir import CKPT_DIR, STATE_FILE
+
+__all__ = ["CKPT_DIR", "STATE_FILE", "build_model", "load_training_data", "render_all", "train"]
 
 log = logging.getLogger(__name__)
-
-CKPT_DIR = "checkpoints"
-STATE_FILE = "trainer_state.json"
 
 
 def load_training_data(config: TrainConfig) -> tuple[Corpus | None, list[Sample]]:
@@ -188,69 +186,6 @@ def _accelerator(precision: str, cpu: bool):
     return Accelerator(mixed_precision=precision, cpu=cpu, step_scheduler_with_optimizer=False)
 
 
-def _complete_checkpoints(run_dir: Path) -> list[Path]:
-    """The checkpoints with a state file, oldest first."""
-    ckpts = [p for p in (run_dir / CKPT_DIR).glob("step-*")
-             if p.name[5:].isdigit() and (p / STATE_FILE).is_file()]
-    return sorted(ckpts, key=lambda p: int(p.name.split("-")[1]))
-
-
-def _resume(accelerator, run_dir: Path) -> int:
-    """Load the newest checkpoint that can be read; returns its step (0: none, a fresh start).
-
-    An unreadable one (truncated or corrupt files) is skipped with a warning and moved aside as
-    `unreadable-step-N` (kept, never resumed from again) once an older one has loaded."""
-    bad: list[tuple[Path, str]] = []
-    for ckpt in reversed(_complete_checkpoints(run_dir)):
-        try:
-            step = int(json.loads((ckpt / STATE_FILE).read_text())["step"])
-            accelerator.load_state(str(ckpt))  # torch files are read with weights_only=True
-        except Exception as e:  # whatever a damaged file raises, the checkpoint is unusable
-            if isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower():
-                raise OneGenError("a checkpoint file holds objects other than tensors and is not unpickled; "
-                                  "delete the checkpoint or set train.resume false", file=str(ckpt)) from None
-            reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
-            log.warning("checkpoint %s cannot be read (%s); trying the one before it", ckpt, reason)
-            bad.append((ckpt, reason))
-            continue
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            for path, _ in bad:
-                _set_aside(path)
-            log.warning("resuming from %s (step %d)", ckpt, step)
-        return step
-    if bad:
-        raise OneGenError(f"none of the {len(bad)} checkpoints can be read (the newest: {bad[0][1]}); to start "
-                          "over, delete "
-                          f"{run_dir / CKPT_DIR} or set train.resume false (--train.resume false)",
-                          file=str(bad[0][0]))
-    return 0
-
-
-def _set_aside(ckpt: Path) -> None:
-    """Rename an unreadable checkpoint out of the `step-*` names (kept for inspection)."""
-    target, n = ckpt.with_name(f"unreadable-{ckpt.name}"), 1
-    while target.exists():
-        n += 1
-        target = ckpt.with_name(f"unreadable-{ckpt.name}-{n}")
-    ckpt.rename(target)
-    log.warning("moved the unreadable checkpoint %s to %s", ckpt, target)
-
-
-def _remove_checkpoint(path: Path) -> None:
-    """Delete a checkpoint, its state file first: one killed half-way never looks complete."""
-    (path / STATE_FILE).unlink(missing_ok=True)
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _remove_incomplete_checkpoints(run_dir: Path) -> None:
-    """Remove what a killed run left half-written: `.step-N.tmp` dirs and checkpoints without a state file."""
-    for p in (run_dir / CKPT_DIR).glob("*step-*"):
-        if p.is_dir() and (p.name.startswith(".") or not (p / STATE_FILE).is_file()):
-            log.info("removing incomplete checkpoint %s", p)
-            shutil.rmtree(p, ignore_errors=True)
-
-
 def _step_indices(n: int, global_batch: int, step: int, seed: int) -> list[int]:
     """The sample indices of optimizer step `step`: a slice of a per-epoch seeded permutation."""
     per_epoch = max(1, n // global_batch)
@@ -329,16 +264,16 @@ def _train(config: TrainConfig, progress: bool | None) -> Path:
     start_step = 0
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _remove_incomplete_checkpoints(run_dir)
+        rundir.remove_incomplete_checkpoints(run_dir)
         config.save(run_dir / "config.yaml")
         tok_dir = run_dir / "tokenizer"
         if config.model.scratch is not None and config.tokenizer.train is not None and not tok_dir.is_dir():
             inner.tokenizer.save_pretrained(str(tok_dir))
     accelerator.wait_for_everyone()
     if tc.resume:
-        start_step = _resume(accelerator, run_dir)
+        start_step = rundir.resume(accelerator, run_dir)
     metrics_path = run_dir / "metrics.jsonl"
-    history = _load_history(metrics_path, start_step) if accelerator.is_main_process else []
+    history = rundir.load_history(metrics_path, start_step) if accelerator.is_main_process else []
     if accelerator.is_main_process:  # rewritten once (a resumed run drops records past its checkpoint), then appended
         write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
     logged = len(history)
@@ -398,12 +333,12 @@ def _train(config: TrainConfig, progress: bool | None) -> Path:
         # a checkpoint also at the last step, so a run can be continued with a larger max_steps
         checkpoint = bool(tc.save_every) and (done % tc.save_every == 0 or done == total_steps)
         if accelerator.is_main_process and (done % tc.log_every == 0 or done == total_steps or checkpoint):
-            logged = _append_records(metrics_path, history, logged, sync=checkpoint)  # resume keeps it
+            logged = rundir.append_records(metrics_path, history, logged, sync=checkpoint)  # resume keeps it
         if checkpoint:
-            _save_checkpoint(accelerator, run_dir, done, tc.keep_checkpoints)
+            rundir.save_checkpoint(accelerator, run_dir, done, tc.keep_checkpoints)
     bar.close()
     if accelerator.is_main_process:
-        _append_records(metrics_path, history, logged, sync=True)
+        rundir.append_records(metrics_path, history, logged, sync=True)
         inner.save_pretrained(run_dir / "model")
         _plot(history, run_dir / "loss.png")
         write_json_atomic(run_dir / "summary.json", {"steps": total_steps, "final": history[-1] if history else {},
@@ -411,52 +346,6 @@ def _train(config: TrainConfig, progress: bool | None) -> Path:
     accelerator.wait_for_everyone()
     return run_dir
 
-
-
-def _load_history(path: Path, upto: int) -> list[dict]:
-    """The records of steps up to `upto`; a line a killed run left half-written is skipped."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= upto]
-
-
-def _append_records(path: Path, history: list[dict], logged: int, sync: bool) -> int:
-    """Append the records not yet in the file (a log grows by its new lines, not rewritten whole: that
-    was O(steps) per write); `sync` at checkpoints, so the log holds every step a resume starts after.
-    Returns how many records the file holds."""
-    if logged < len(history):
-        with open(path, "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in history[logged:]))
-            f.flush()
-            if sync:
-                os.fsync(f.fileno())
-    return len(history)
-
-
-def _save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> None:
-    """Save the full training state into `checkpoints/step-N`, atomically (temp dir, then rename)."""
-    final = run_dir / CKPT_DIR / f"step-{step}"
-    tmp = run_dir / CKPT_DIR / f".step-{step}.tmp"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step}))
-        normalize_permissions(tmp)  # safetensors writes its files 0600
-        if final.exists():
-            _remove_checkpoint(final)
-        tmp.rename(final)
-        for old in _complete_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-            _remove_checkpoint(old)
-    accelerator.wait_for_everyone()
 
 
 def _plot(history: list[dict], path: Path) -> None:
