@@ -212,8 +212,8 @@ def test_pipeline_mode_without_a_retriever_object_is_refused_at_once(model, retr
         Engine(model, mode="pipeline", retriever=retriever)
 
 
-@pytest.mark.parametrize("fast", [False, None])
-def test_rows_end_at_the_models_position_limit(corpus, fast):
+@pytest.mark.parametrize("fast, use_cache", [(False, True), (None, True), (False, False)])
+def test_rows_end_at_the_models_position_limit(corpus, fast, use_cache):
     """GPT-2's learned positions end at n_positions: a row stops there ("length") instead of indexing past
     the table, whether the limit falls on a decoded token or on an inserted paragraph; a longer prompt is
     refused up front."""
@@ -223,14 +223,18 @@ def test_rows_end_at_the_models_position_limit(corpus, fast):
     tok = TokenizerConfig(train=TokenizerTrainConfig(vocab_size=300, min_frequency=1))
     small = OneGenModel.from_config(cfg, tok, TokensConfig(), [d.text for d in DOCS] + QUESTIONS).eval()
     index = Index.build(small, corpus, progress=False)
-    engine = Engine(small, index, corpus=corpus, fast=fast)
+    engine = Engine(small, index, corpus=corpus, fast=fast if use_cache else False, use_cache=use_cache)
     results = engine.generate(QUESTIONS, max_new_tokens=64, force_query_every=5, ignore_eos=True, max_retrievals=4)
     prompts = [small.renderer.encode_prompt([Message("user", q)]) for q in QUESTIONS]
     for p, r in zip(prompts, results, strict=True):
         assert r.finish_reason == "length" and len(p) + len(r.token_ids) <= 80 + 1  # the last one is never fed
     assert any(r.retrievals for r in results)
-    with pytest.raises(ValueError, match="the model takes at most 80 positions"):
-        engine.generate(["word " * 100])
+    plain = engine.generate(QUESTIONS, max_new_tokens=200, ignore_eos=True, max_retrievals=0)  # the limit on decoding
+    assert [len(p) + len(r.token_ids) for p, r in zip(prompts, plain, strict=True)] == [80 + 1] * len(prompts)
+    events = []
+    with pytest.raises(ValueError, match="prompt 4 is .* the model takes at most 80 positions"):
+        engine.generate([*QUESTIONS, "word " * 100], batch_size=1, callback=events.append)
+    assert events == []  # refused before the first batch ran
 
 
 @pytest.mark.parametrize("fast", [False, None])

@@ -174,6 +174,8 @@ def test_lora_directories_merge_for_full_training_and_refuse_a_second_adapter(ti
     with pytest.raises(OneGenError, match="holds a LoRA adapter"):
         OneGenModel.from_pretrained(out, lora=LoraConfig(r=4))
     loaded = OneGenModel.from_pretrained(out)
+    with pytest.raises(OneGenError, match="holds a LoRA adapter"):  # the trainer's way: load, then add
+        loaded.add_lora(LoraConfig(r=4, target_modules=["q_proj"]))
     assert not loaded.training  # loaded models come back in eval mode, and stay so after embedding
     loaded.embed_queries(QUESTIONS[:1])
     assert not loaded.training and not loaded.lm.training

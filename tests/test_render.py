@@ -384,3 +384,24 @@ def test_a_template_that_refuses_a_conversation_names_the_sample(tiny_tokenizer,
                     source="train.jsonl:7")
     with pytest.raises(OneGenError, match=r"train.jsonl:7 field 'messages'.*System role not supported"):
         r.render(sample)
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_a_multi_turn_prompt_is_the_start_of_its_trained_conversation(tiny_tokenizer, name):
+    r = _templated(tiny_tokenizer, TEMPLATES[name][0])
+    messages = (Message("user", "Who founded Velmora?"), Message("assistant", "the founder was Ilsa Brandt."),
+                Message("user", "And where was she born?"))
+    rendered = r.render(Sample("x", (*messages, Message("assistant", "the town of Caldris."))))
+    prompt = r.encode_prompt(list(messages))
+    assert rendered.input_ids[: len(prompt)] == prompt
+
+
+def test_a_template_without_a_turn_closer_trains_no_header_of_the_next_turn(tiny_tokenizer):
+    r = _templated(tiny_tokenizer, "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}\n{% endfor %}"
+                                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert r.end_of_turn_ids() == set()
+    start = r.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    rendered = r.render(Sample("x", (Message("user", "q"), Message("assistant", "a"), Message("user", "q2"),
+                                     Message("assistant", "b"))))
+    assert [label for t, label in zip(rendered.input_ids, rendered.lm_labels, strict=True) if t == start] == \
+        [IGNORE_INDEX] * 4

@@ -19,6 +19,7 @@ def _links(text: str, output: str) -> list[tuple[str, int]]:
     ("Yesterday Orla Venn spoke in Caldris.", [(10, 19), (29, 36)]),
     ("Paris is in Paris County, near Paris.", [(12, 17), (31, 36)]),  # a repeated name: the marked one
     ("İzmir hosted Orla Venn.", [(13, 22)]),  # lower-casing "İ" gives two characters
+    ("Cafe\u0301 Noir hosted Orla Venn.", [(0, 10)]),  # an accent written apart (NFD) belongs to the name
     ("Zoë Ålund met Jean-Luc Picard and O'Brien in 東京.", [(0, 9), (14, 29), (34, 41), (45, 47)]),
 ])
 def test_links_of_a_faithful_copy_are_the_gold_spans(text, entities):

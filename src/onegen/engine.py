@@ -162,9 +162,10 @@ class Engine:
             if any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in values):
                 raise ValueError(f"{name} must be an integer >= {low}, got {values if len(values) > 1 else values[0]!r}")
         batch_size = batch_size or len(prompts) or 1
+        encoded = [self._encode(p, i, assistant_prefix) for i, p in enumerate(prompts)]  # all checked first
         results: list[GenerationResult] = []
         for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
+            chunk = encoded[start:start + batch_size]
             limits = max_new_tokens[start:start + batch_size] if isinstance(max_new_tokens, list) \
                 else [max_new_tokens] * len(chunk)
             results += self._generate_batch(chunk, start, limits, max_retrievals, top_k, link, do_sample,
@@ -180,12 +181,7 @@ class Engine:
         was_training = m.training
         m.eval()
         rows = []
-        for i, p in enumerate(prompts):
-            messages = _as_messages(p)
-            ids = m.renderer.encode_prompt(messages, assistant_prefix)
-            if self._limit is not None and len(ids) > self._limit:
-                raise ValueError(f"prompt {offset + i} is {len(ids)} tokens; the model takes at most {self._limit} "
-                                 "positions (its config's max_position_embeddings)")
+        for i, (messages, ids) in enumerate(prompts):
             gen = torch.Generator().manual_seed(seed + offset + i) if do_sample else None
             rows.append(_Row(ids, list(ids), messages, generator=gen, max_new=max_new_tokens[i]))
         inserts = 0 if link else max_retrievals * (m.renderer.doc_max_length + 2)
@@ -199,8 +195,8 @@ class Engine:
         queue = SearchQueue(self.search_wait, scan, link, *self._step_bytes)
         while not all(r.done for r in rows):
             # 1. one forward over every row's pending tokens (waiting rows feed nothing)
-            hidden, logits = stepper.step([r.feed if not r.done else [] for r in rows],
-                                          [r.history for r in rows] if needs_history else [])
+            histories = [r.history if not r.done else r.history[:1] for r in rows] if needs_history else []
+            hidden, logits = stepper.step([r.feed if not r.done else [] for r in rows], histories)  # done rows: unread
             self.stats["forwards"] += 1
             self.stats["generator_tokens"] += sum(len(r.feed) for r in rows if not r.done)
             # 2. rows that just fed [RQ] queue their query: the hidden state of this very step (taken
@@ -364,6 +360,15 @@ class Engine:
             tail = m.tokenizer.decode(r.stream[-16:], skip_special_tokens=False)
             if any(tail.endswith(s) for s in stop):
                 r.done, r.finish = True, "stop"
+
+    def _encode(self, prompt: Any, i: int, assistant_prefix: str) -> tuple[list[Message], list[int]]:
+        """A prompt's messages and ids; one longer than the model's positions is refused."""
+        messages = _as_messages(prompt)
+        ids = self.model.renderer.encode_prompt(messages, assistant_prefix)
+        if self._limit is not None and len(ids) > self._limit:
+            raise ValueError(f"prompt {i} is {len(ids)} tokens; the model takes at most {self._limit} positions "
+                             "(its config's max_position_embeddings)")
+        return messages, ids
 
     def _fits(self, r: _Row, extra: int) -> bool:
         """Whether the row's tokens with `extra` more all fit in the model's positions (each is fed once,

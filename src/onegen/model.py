@@ -105,10 +105,7 @@ class OneGenModel(nn.Module):
         new_tokens = add_special_tokens(tok, tokens)
         if meta is not None and meta.get("lora"):
             if lora is not None:
-                raise OneGenError(f"this model directory holds a LoRA adapter (over {meta.get('base_model')}): "
-                                  "an adapter is not stacked on another; start the new adapter from that base "
-                                  "checkpoint, resume the adapter's own run, or train this one without train.lora "
-                                  "(its adapter is then merged and every weight trained)", file=path, field="lora")
+                raise _second_adapter(path, meta.get("base_model"))
             return cls._load_lora(path, meta, tok, tokens, dtype, device, trust_remote_code, max_length,
                                   doc_max_length)
         lm = load_causal_lm(path, dtype, trust_remote_code)
@@ -154,6 +151,8 @@ class OneGenModel(nn.Module):
 
     def add_lora(self, lora: LoraConfig) -> None:
         """Wrap the LM in new LoRA adapters (`onegen.lora`); the special-token rows stay trainable."""
+        if self.is_lora:
+            raise _second_adapter(None, self.base_model)
         new_ids = sorted({self.ids.query, self.ids.doc, self.ids.open, self.ids.close, *self.ids.extra})
         self.lm = lora_parts.wrap(self.lm, lora, new_ids)
         self._set_parts()
@@ -422,3 +421,10 @@ class OneGenModel(nn.Module):
             bar.close()
         self.train(was_training)
         return vecs
+
+
+def _second_adapter(path: str | None, base: str | None) -> OneGenError:
+    return OneGenError(f"this model holds a LoRA adapter already (over {base}): an adapter is not stacked on "
+                       "another; start the new adapter from that base checkpoint, resume the adapter's own run, or "
+                       "train this model without train.lora (its adapter is then merged and every weight trained)",
+                       file=path, field="train.lora")

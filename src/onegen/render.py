@@ -13,6 +13,7 @@ Guarantees:
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 import re
 from dataclasses import dataclass, field
@@ -175,23 +176,31 @@ class Renderer:
             raise OneGenError(f"the tokenizer's chat template refuses this conversation: {reason}",
                               field="messages") from None
 
-    def prompt_text(self, messages: list[Message] | tuple[Message, ...]) -> str:
-        """The text before the assistant's answer, as training renders it: with a chat template, the
-        conversation with one more assistant message, cut where that message's content starts (so markup
-        a template writes inside the assistant turn, such as Llama-2's space after `[/INST]`, is there as
-        it was in training); the template's generation prompt when that cannot be found."""
+    def _prompt(self, messages: list[Message] | tuple[Message, ...]) -> tuple[str, list[tuple[int, int]]]:
+        """The text before the assistant's answer, as training renders it, and the spans of the earlier
+        assistant contents in it: with a chat template, the conversation with one more assistant
+        message, cut where that message's content starts (so markup a template writes inside the
+        assistant turn, such as Llama-2's space after `[/INST]`, is there as it was in training); the
+        template's generation prompt when that cannot be found."""
         if self.use_chat_template:
-            probe = (*messages, Message("assistant", "\ue002"))
-            found = self._template_by_sentinels(probe, add_generation_prompt=False)
+            try:
+                found = self._template_by_sentinels((*messages, Message("assistant", "\ue002")), False)
+            except OneGenError:  # e.g. a template that refuses two assistant turns in a row
+                found = None
             if found is not None:
-                return found[0][: found[1][-1][0]]
-        text, _ = self.conversation_text(messages, add_generation_prompt=True)
-        return text
+                text, spans = found
+                return text[: spans[-1][0]], spans[:-1]
+        return self.conversation_text(messages, add_generation_prompt=True)
+
+    def prompt_text(self, messages: list[Message] | tuple[Message, ...]) -> str:
+        """The text of a prompt ready for generation (see `_prompt`)."""
+        return self._prompt(messages)[0]
 
     def encode_prompt(self, messages: list[Message] | tuple[Message, ...], assistant_prefix: str = "") -> list[int]:
         """Ids of a prompt ready for generation (ends where the assistant's answer starts), tokenized as
-        training tokenizes the same text (`prompt_text`; the answer is a chunk of its own there)."""
-        ids, _, _ = self._tokenize(self.prompt_text(messages) + assistant_prefix, [])
+        training tokenizes the same text: each assistant content, earlier turns' too, starts a chunk."""
+        text, spans = self._prompt(messages)
+        ids, _, _ = self._tokenize(text + assistant_prefix, spans)
         return self._bos() + ids
 
     def _tokenize(self, text: str, gen_spans: list[tuple[int, int]]) -> tuple[list[int], list[str], list[int]]:
@@ -242,7 +251,7 @@ class Renderer:
                 raise
             raise OneGenError(e.message, file=sample.source, field=e.field) from None
         ids, roles, starts = self._tokenize(text, spans)
-        self._mark_end_of_turn(text, spans, ids, roles, starts)
+        self._mark_end_of_turn(text, spans, ids, roles, starts, self._closers)
         bos = self._bos()
         ids, roles = bos + ids, [CTX] * len(bos) + roles
         labels = [t if r == GEN else IGNORE_INDEX for t, r in zip(ids, roles, strict=True)]
@@ -261,13 +270,15 @@ class Renderer:
         return self._truncate(out, sample)
 
     def _mark_end_of_turn(self, text: str, spans: list[tuple[int, int]], ids: list[int], roles: list[str],
-                          starts: list[int]) -> list[int]:
+                          starts: list[int], closers: set[int] | None = None) -> list[int]:
         """Make the special token that closes each assistant turn GEN, so the model learns to stop;
         returns the positions of those tokens.
 
         It is the first special token at or after the end of the turn's content, with only whitespace
         tokens between (Llama-2 writes ` </s>`, some ChatML variants `\n<|im_end|>`: those are GEN
-        too), whatever precedes the end (text, a paragraph, or nothing for an empty turn)."""
+        too), whatever precedes the end (text, a paragraph, or nothing for an empty turn). With
+        `closers` (what closes the last turn of a conversation: `end_of_turn_ids`) only those count, so
+        a template without a closer does not train the next turn's header instead."""
         ours = (self.ids.open, self.ids.close, self.ids.doc, self.ids.query)
         closing = []
         for _, end in spans:
@@ -275,7 +286,8 @@ class Renderer:
             while j < len(ids) and ids[j] not in self._special_ids \
                     and not text[starts[j]:starts[j + 1] if j + 1 < len(ids) else len(text)].strip():
                 j += 1
-            if j < len(ids) and ids[j] in self._special_ids and ids[j] not in ours:
+            if j < len(ids) and ids[j] in self._special_ids and ids[j] not in ours \
+                    and (closers is None or ids[j] in closers):
                 roles[i:j + 1] = [GEN] * (j + 1 - i)
                 closing.append(j)
         return closing
@@ -284,10 +296,14 @@ class Renderer:
         """The special tokens that close an assistant turn, as training teaches the model to emit them
         (a chat template's `<|im_end|>`, `<|eot_id|>`, ...; eos with the built-in format): generation
         stops on them."""
+        return set(self._closers)
+
+    @functools.cached_property
+    def _closers(self) -> frozenset[int]:
         messages = (Message("user", "q"), Message("assistant", "a"))
         text, spans = self.conversation_text(messages, add_generation_prompt=False)
         ids, roles, starts = self._tokenize(text, spans)
-        return {ids[i] for i in self._mark_end_of_turn(text, spans, ids, roles, starts)}
+        return frozenset(ids[i] for i in self._mark_end_of_turn(text, spans, ids, roles, starts))
 
     def _truncate(self, r: Rendered, sample: Sample) -> Rendered | None:
         if len(r) <= self.max_length:

@@ -67,7 +67,10 @@ def extract_entities(input_text: str, output: str, tokens: TokensConfig) -> list
         if at is None:
             continue
         cursor = at + len(surface)
-        mentions.append(Mention(origin[at], origin[cursor - 1] + 1, k))
+        end = origin[cursor - 1] + 1
+        while end < len(input_text) and unicodedata.combining(input_text[end]):  # accents written apart (NFD)
+            end += 1
+        mentions.append(Mention(origin[at], end, k))
     return mentions
 
 

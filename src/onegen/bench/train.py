@@ -71,7 +71,7 @@ def build_model(shape: str, device: str, dtype: torch.dtype, seed: int = 0) -> O
     add_special_tokens(tok, tokens)
     cfg = LlamaConfig(vocab_size=max(vocab, len(tok)), hidden_size=hidden, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=inter,
-                      max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
+                      max_position_embeddings=1 << 16, pad_token_id=tok.pad_token_id,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
