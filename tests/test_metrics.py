@@ -137,3 +137,11 @@ def test_el_metrics_empty_denominators_are_zero():
     # predictions but nothing right: precision 0 / 1, recall 0 / 0
     m = el_metrics(items, [{"id": "e1", "entities": [{"start": 0, "end": 1, "id": "d1"}]}])
     assert m["precision"] == m["recall"] == m["f1"] == 0.0
+
+
+def test_answers_match_across_unicode_forms():
+    """A tokenizer that normalises text decodes composed accents and ASCII letters: NFD or fullwidth gold
+    answers still match."""
+    assert exact_match("C\u00e9innein", ["Ce\u0301innein"]) == 1.0
+    assert exact_match("Folbeim", ["\uff26olbeim"]) == 1.0
+    assert f1_score("Céinnein Folbeim", ["Ce\u0301innein"]) == pytest.approx(2 / 3)

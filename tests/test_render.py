@@ -405,3 +405,25 @@ def test_a_template_without_a_turn_closer_trains_no_header_of_the_next_turn(tiny
                                      Message("assistant", "b"))))
     assert [label for t, label in zip(rendered.input_ids, rendered.lm_labels, strict=True) if t == start] == \
         [IGNORE_INDEX] * 4
+
+
+def test_a_token_that_ends_the_answer_with_the_templates_space_is_trained():
+    """SentencePiece-style BPE without word splits learns `Brandt▁`: at the end of an answer it takes the
+    space a Llama-2 template writes before `</s>`, and it is generated, so trained."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    raw.decoder = decoders.Metaspace(prepend_scheme="first", split=False)
+    raw.train_from_iterator(["[INST] Who founded Velmora? [/INST] Ilsa Brandt </s>"] * 50,
+                            trainers.BpeTrainer(vocab_size=200, special_tokens=["</s>", "<s>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>", bos_token="<s>")
+    tok.chat_template = TEMPLATES["llama2"][0]
+    r = Renderer(tok, TokensConfig(), max_length=512)
+    rendered = r.render(Sample("x", (Message("user", "Who founded Velmora?"), Message("assistant", "Ilsa Brandt"))))
+    end = max(i for i, t in enumerate(rendered.input_ids) if t == tok.eos_token_id)
+    prompt = r.encode_prompt([Message("user", "Who founded Velmora?")])
+    answer = rendered.input_ids[len(prompt):end + 1]
+    assert tok.decode(answer).strip().startswith("Ilsa Brandt")
+    assert rendered.lm_labels[len(prompt):end + 1] == answer  # every token of the answer and the closer

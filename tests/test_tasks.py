@@ -58,3 +58,12 @@ def test_the_answer_stops_at_chat_markup_and_follows_the_last_paragraph():
     assert extract_answer(out, T, ("<|im_start|>", "<|im_end|>")) == "Ilsa Brandt"
     assert extract_answer(out, T).startswith("Ilsa Brandt<|im_end|>")  # no marks given: nothing is cut
     assert extract_answer("Ilsa[RQ]<paragraph>x</paragraph> Brandt", T) == "Brandt"
+
+
+def test_an_unknown_token_inside_a_mention_stands_for_what_the_input_has_there():
+    text = "Saltir Hatadeck😀 joined Dérsïa Holdings last spring."
+    output = "[ [ saltir hatadeck [UNK] ] ] [RQ] joined [ [ dersia holdings ] ] [RQ] last spring."
+    links = [(text[m.start:m.end], m.retrieval) for m in extract_entities(text, output, T, unk="[UNK]")]
+    assert links == [("Saltir Hatadeck😀", 0), ("Dérsïa Holdings", 1)]
+    assert [m.retrieval for m in extract_entities(text, output, T)] == [1]  # without it: only the second
+    assert extract_entities("😀 x", "[[[UNK]]][RQ] x", T, unk="[UNK]") == []  # nothing to anchor it

@@ -122,3 +122,23 @@ def test_output_bias_initialised(plain_tokenizer, tokens):
         row = plain_tokenizer.convert_tokens_to_ids(t)
         torch.testing.assert_close(model.get_input_embeddings().weight[row], want[t])
         torch.testing.assert_close(model.get_output_embeddings().weight[row], want[t])  # GPT-2 ties
+
+
+def test_a_token_string_already_in_the_vocabulary_is_made_special_in_place():
+    """A BPE trained on OneGen text learns `<paragraph>` as an ordinary token: it is registered as
+    special with its id kept (no new row), and text no longer splits it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    raw.decoder = decoders.Metaspace(prepend_scheme="first")
+    raw.train_from_iterator(["[RQ]<paragraph>Velmora was founded</paragraph>Ilsa Brandt"] * 50,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>")
+    before = tok.get_vocab()["<paragraph>"]
+    added = add_special_tokens(tok, TokensConfig())
+    assert "<paragraph>" not in added and tok.convert_tokens_to_ids("<paragraph>") == before
+    for t in TokensConfig().strings():
+        assert len(tok.encode(t, add_special_tokens=False)) == 1
+        assert tok.convert_tokens_to_ids(t) in tok.encode(f"Velmora {t} was", add_special_tokens=False)

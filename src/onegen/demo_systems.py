@@ -113,7 +113,8 @@ def evaluate(system: System, task: str, items: list, gold: list[dict], batch_siz
         stop = start + batch_size
         results = system.engine.generate(prompts[start:stop], max_new_tokens=limits[start:stop], top_k=TOP_K,
                                          max_retrievals=MAX_RETRIEVALS[task], link=task == "el")
-        preds += [prediction_record(i, r, kind, m.tokens) for i, r in zip(items[start:stop], results, strict=True)]
+        preds += [prediction_record(i, r, kind, m.tokens, m.tokenizer.unk_token)
+                  for i, r in zip(items[start:stop], results, strict=True)]
     seconds = time.perf_counter() - t0
     metrics = el_metrics(gold, preds) if task == "el" else qa_metrics(gold, preds, TOP_K)
     metrics["ms_per_answer"] = 1000 * seconds / max(1, len(items))

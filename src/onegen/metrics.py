@@ -3,7 +3,8 @@
 Pure functions over plain dicts and strings; nothing here reads files or imports the rest of onegen.
 Guarantees:
 - answer matching uses SQuAD normalisation (lowercase, no punctuation, no articles a/an/the, single
-  spaces), and EM / F1 take the best score over all gold answers;
+  spaces) after Unicode NFKC (composed accents, fullwidth letters: tokenizers that normalise text
+  decode it so), and EM / F1 take the best score over all gold answers;
 - retrieval recall is "any acceptable document in the top k", averaged over (item, hop) pairs, and a
   hop with no retrieval counts as a miss (a hop with no gold documents is not scored);
 - F1 follows SQuAD v2 on empty answers: an answer that normalises to nothing agrees only with a gold
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import re
 import string
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -25,8 +27,9 @@ _PUNCTUATION = frozenset(string.punctuation)
 
 
 def normalize_answer(s: str) -> str:
-    """Normalise an answer the SQuAD way: lowercase, drop punctuation and articles, collapse spaces."""
-    s = s.lower()
+    """Normalise an answer the SQuAD way (lowercase, drop punctuation and articles, collapse spaces),
+    after Unicode NFKC."""
+    s = unicodedata.normalize("NFKC", s).lower()
     s = "".join(ch for ch in s if ch not in _PUNCTUATION)
     s = _ARTICLES.sub(" ", s)
     return " ".join(s.split())

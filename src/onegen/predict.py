@@ -19,13 +19,14 @@ def prompts_for(items: list[QAItem] | list[ELItem], task: str) -> list[list]:
     return [list(i.messages) for i in items]  # type: ignore[union-attr]
 
 
-def prediction_record(item: QAItem | ELItem, result: GenerationResult, task: str, tokens) -> dict[str, Any]:
+def prediction_record(item: QAItem | ELItem, result: GenerationResult, task: str, tokens,
+                      unk: str | None = None) -> dict[str, Any]:
     rec: dict[str, Any] = {"id": item.id, "output": result.text, "answer": result.answer,
                            "retrievals": [{"doc_ids": e.doc_ids, "scores": [round(s, 6) for s in e.scores]}
                                           for e in result.retrievals]}
     if task == "el":
         ents = []
-        for m in extract_entities(item.text, result.text, tokens):  # type: ignore[union-attr]
+        for m in extract_entities(item.text, result.text, tokens, unk):  # type: ignore[union-attr]
             if m.retrieval < len(result.retrievals) and result.retrievals[m.retrieval].doc_ids:
                 ents.append({"start": m.start, "end": m.end, "id": result.retrievals[m.retrieval].doc_ids[0]})
         rec["entities"] = ents
@@ -60,7 +61,8 @@ def run_engine(engine: Engine, items: list, task: str, batch_size: int = 8, max_
         results = engine.generate(prompts[start:start + batch_size], max_new_tokens=limits[start:start + batch_size],
                                   top_k=top_k,
                                   max_retrievals=max_retrievals if task != "el" else 10_000, link=task == "el")
-        records += [prediction_record(i, r, task, engine.model.tokens) for i, r in zip(chunk, results, strict=False)]
+        records += [prediction_record(i, r, task, engine.model.tokens, engine.model.tokenizer.unk_token)
+                    for i, r in zip(chunk, results, strict=False)]
     return records
 
 

@@ -235,8 +235,10 @@ class Renderer:
             enc = self.tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True,
                                  split_special_tokens=in_paragraph)  # a paragraph is document text
             for tid, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
-                c = start + (e - 1 if e > s else s)
-                gen = c < len(text) and bool(char_gen[c]) and not in_paragraph
+                # GEN when any of its characters is: a token that ends the answer and takes the template's
+                # space with it (SentencePiece's `a▁` before ` </s>`) is generated. (None straddles an
+                # answer's start: the answer is a chunk of its own.)
+                gen = any(char_gen[start + s:start + max(e, s + 1)]) and not in_paragraph
                 ids.append(tid)
                 roles.append(GEN if gen else CTX)
                 starts.append(start + s)

@@ -44,7 +44,7 @@ class Mention:
     retrieval: int  # index of the retrieval event that linked it
 
 
-def extract_entities(input_text: str, output: str, tokens: TokensConfig) -> list[Mention]:
+def extract_entities(input_text: str, output: str, tokens: TokensConfig, unk: str | None = None) -> list[Mention]:
     """Map marked mentions in the generated `output` back to character offsets of `input_text`.
 
     The k-th query token of the output is the k-th retrieval event; it links a mention when the text
@@ -52,9 +52,13 @@ def extract_entities(input_text: str, output: str, tokens: TokensConfig) -> list
     back with markup, so a mention is looked for where the copy puts it: both texts are folded (case,
     accents, whitespace: tokenizers that lowercase or split punctuation decode "Jean-Luc" as
     "jean - luc") and the occurrence of `m` nearest that place, after the previous mention, wins; a
-    repeated name links the right occurrence. Mentions not found in the input are skipped.
+    repeated name links the right occurrence. `unk` (the tokenizer's unknown-token string) in a mention
+    stands for whatever the input has there (an emoji a WordPiece vocabulary lacks). Mentions not
+    found in the input are skipped.
     """
     folded_input, origin = _fold(input_text)
+    if unk:  # one placeholder character: an unknown token's own brackets ([UNK]) must not read as markup
+        output = output.replace(unk, _UNK)
     mentions, cursor, segment_start = [], 0, 0
     for k, q in enumerate(re.finditer(re.escape(tokens.query), output)):
         marked = _MARKED_AT_END.search(output, segment_start, q.start())
@@ -63,10 +67,10 @@ def extract_entities(input_text: str, output: str, tokens: TokensConfig) -> list
             continue
         surface, _ = _fold(marked.group(1))
         expected = len(_fold(_unmarked(output[: marked.start()], tokens))[0])
-        at = _nearest(folded_input, surface, expected, cursor)
-        if at is None:
+        found = _nearest(folded_input, _pattern(surface, _UNK if unk else ""), expected, cursor)
+        if found is None:
             continue
-        cursor = at + len(surface)
+        at, cursor = found
         end = origin[cursor - 1] + 1
         while end < len(input_text) and unicodedata.combining(input_text[end]):  # accents written apart (NFD)
             end += 1
@@ -81,6 +85,7 @@ def _spaced(marker: str) -> str:
 
 
 _OPEN_RE, _CLOSE_RE = _spaced(MENTION_OPEN), _spaced(MENTION_CLOSE)
+_UNK = "\ue003"  # stands for the tokenizer's unknown token inside generated text
 # `[[m]]` right at the end of a span of text; m holds no marker (an unclosed `[[` cannot swallow the
 # next mention).
 _MARKED_AT_END = re.compile(_OPEN_RE + r"((?:(?!" + _OPEN_RE + "|" + _CLOSE_RE + r").)+)" + _CLOSE_RE + r"\s*$",
@@ -107,17 +112,23 @@ def _fold(text: str) -> tuple[str, list[int]]:
     return "".join(folded), origin
 
 
-def _nearest(text: str, sub: str, expected: int, start: int) -> int | None:
-    """The index of the occurrence of `sub` in `text` at or after `start` that is nearest `expected`."""
-    if not sub:
+def _pattern(surface: str, unk: str) -> re.Pattern | None:
+    """A regex for a folded mention, each unknown token in it matching one or more characters; None
+    for a mention with nothing else to anchor it."""
+    parts = surface.split(unk) if unk else [surface]
+    if not any(parts):
         return None
-    best, i = None, text.find(sub, start)
-    while i >= 0:
-        if best is None or abs(i - expected) < abs(best - expected):
-            best = i
-        if i > expected:
+    return re.compile(".+?".join(re.escape(p) for p in parts), re.DOTALL)
+
+
+def _nearest(text: str, pattern: re.Pattern | None, expected: int, start: int) -> tuple[int, int] | None:
+    """(start, end) of the match of `pattern` in `text` at or after `start` nearest `expected`."""
+    best = None
+    for m in pattern.finditer(text, start) if pattern is not None else ():
+        if best is None or abs(m.start() - expected) < abs(best[0] - expected):
+            best = (m.start(), m.end())
+        if m.start() > expected:
             break
-        i = text.find(sub, i + 1)
     return best
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import TokensConfig
+from .errors import OneGenError
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,17 @@ def add_special_tokens(tokenizer, tokens: TokensConfig) -> list[str]:
     added = ensure_eos_and_pad(tokenizer)
     vocab = tokenizer.get_vocab()
     new = [t for t in tokens.strings() if t not in vocab]
-    if new:
-        tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+    # an ordinary vocabulary entry with the same string (a BPE trained on OneGen text learns `<paragraph>`)
+    # is made special in place: it keeps its id and trained row, and text no longer splits it
+    specials = set(special_tokens_of(tokenizer).values())
+    register = [t for t in tokens.strings() if t not in specials]
+    if register:
+        tokenizer.add_special_tokens({"additional_special_tokens": register}, replace_extra_special_tokens=False)
     for t in tokens.strings():
         ids = tokenizer.encode(t, add_special_tokens=False)
         if len(ids) != 1:
-            raise RuntimeError(f"special token {t!r} does not encode to a single token: {ids}")
+            raise OneGenError(f"the special token {t!r} does not encode to a single token with this tokenizer "
+                              f"({ids}); choose other token strings (tokens: in the config)", field="tokens")
     return added + new
 
 
