@@ -34,7 +34,7 @@ from .render import Renderer
 from .tokens import add_special_tokens, init_new_embeddings, token_ids
 
 log = logging.getLogger(__name__)
-DOC_CHUNK = 8192  # documents tokenized and embedded at a time
+DOC_CHUNK = 2048  # documents tokenized and embedded at a time (a batched tokenizer call holds ~100 B a token)
 
 
 class OneGenModel(nn.Module):

@@ -88,7 +88,8 @@ class Renderer:
         carry a query token."""
         if not texts:
             return []
-        return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True, return_attention_mask=False,
+                              return_token_type_ids=False)["input_ids"]
 
     def encode_documents(self, texts: list[str]) -> list[list[int]]:
         """Corpus documents as indexed: each text (cut to `doc_max_length - 1` tokens) then `[RD]`."""
