@@ -256,6 +256,34 @@ def test_prompts_prefilled_in_chunks_give_the_same_results(model, index, corpus,
     assert chunked.stats["forwards"] > plain.stats["forwards"] + 5  # the prompts took several steps each
 
 
+def test_a_stop_string_may_end_inside_a_token(model, index, corpus):
+    res = Engine(model, index, corpus=corpus).generate(QUESTIONS[:1], max_new_tokens=30, ignore_eos=True)[0]
+    ours = {model.ids.query, model.ids.doc, model.ids.open, model.ids.close}
+    k = next(i for i in range(1, len(res.token_ids)) if len(model.tokenizer.decode(res.token_ids[i:i + 1])) >= 2
+             and not ours & set(res.token_ids[:i + 1]))
+    stop = model.tokenizer.decode(res.token_ids[:k + 1], skip_special_tokens=False)[:-1]  # ends inside token k
+    stopped = Engine(model, index, corpus=corpus).generate(QUESTIONS[:1], max_new_tokens=30, ignore_eos=True,
+                                                            stop=[stop])[0]
+    assert stopped.finish_reason == "stop" and stopped.n_generated <= k + 1
+    with pytest.raises(ValueError, match="stop strings must be non-empty"):
+        Engine(model, index, corpus=corpus).generate(QUESTIONS[:1], stop=[""])
+
+
+@pytest.mark.parametrize("kw", [{"do_sample": True, "top_p": 0.0}, {"do_sample": True, "temperature": float("nan")},
+                                {"do_sample": True, "temperature": -1.0}, {"do_sample": True, "top_p": 2.0},
+                                {"force_query_every": 0}])
+def test_bad_sampling_and_schedule_options_are_refused_up_front(model, index, corpus, kw):
+    with pytest.raises(ValueError):
+        Engine(model, index, corpus=corpus).generate(QUESTIONS[:1], max_new_tokens=4, **kw)
+
+
+def test_a_bad_role_and_a_corpus_that_misses_indexed_ids_are_refused(model, index, corpus):
+    with pytest.raises(ValueError, match="role 'robot'; expected one of system, user, assistant"):
+        Engine(model, index, corpus=corpus).generate([[{"role": "robot", "content": "x"}]])
+    with pytest.raises(ValueError, match="holds no text for 5 of the index's ids"):
+        Engine(model, index, corpus=Corpus(DOCS[:1]))
+
+
 def test_pipeline_mode_counts_retriever_tokens(model, corpus):
     other = _model(1)
     r_index = Index.build(other, corpus, progress=False)

@@ -301,3 +301,14 @@ def test_build_takes_a_list_of_documents_or_dicts(model, corpus):
                         ([{"id": "a", "text": "x"}, {"id": "a", "text": "y"}], "duplicate document id 'a'")):
         with pytest.raises(OneGenError, match=needle):
             Index.build(model, bad, progress=False)
+
+
+def test_search_refuses_a_non_integer_k_and_a_nan_query(model, corpus):
+    index = Index.build(model, corpus, progress=False)
+    q = torch.zeros(index.dim)
+    for k in (2.0, True):
+        with pytest.raises(OneGenError, match="top-k must be an integer"):
+            index.search(q, k)
+    with pytest.raises(OneGenError, match="NaN"):
+        index.search(torch.full((index.dim,), float("nan")), 1)
+    assert len(Index.build(model, [{"id": 7, "text": "Velmora"}], progress=False).search(q, 1).ids[0]) == 1

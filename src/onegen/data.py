@@ -189,6 +189,8 @@ def as_corpus(docs: Any) -> Corpus:
         raise OneGenError(f"expected {expected}, got {type(docs).__name__}")
     out, seen = [], set()
     for i, d in enumerate(docs):
+        if isinstance(d, dict) and isinstance(d.get("id"), int) and not isinstance(d.get("id"), bool):
+            d = {**d, "id": str(d["id"])}  # an integer id, as read_corpus reads it
         if isinstance(d, dict) and isinstance(d.get("id"), str) and isinstance(d.get("text"), str) \
                 and isinstance(d.get("title", ""), (str, type(None))):
             d = Document(d["id"], d["text"], d.get("title"))

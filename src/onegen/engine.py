@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .data import Message
+from .data import ROLES, Message
 from .fastpath import FastDecoder, fast_decoder
 from .model import OneGenModel
 from .searchqueue import SearchQueue
@@ -116,6 +116,11 @@ class Engine:
             raise ValueError(f"{mode} mode needs an index built by the model")
         if mode != "pipeline" and hasattr(index, "check_model"):
             index.check_model(model)
+        if corpus is not None and hasattr(index, "ids") and mode != "pipeline":
+            missing = [i for i in index.ids if i not in corpus]
+            if missing:
+                raise ValueError(f"the corpus holds no text for {len(missing)} of the index's ids (e.g. {missing[:3]}); "
+                                 "pass the corpus the index was built from")
         if mode == "pipeline" and hasattr(retriever, "check_generator"):
             retriever.check_generator(model)
         self.model, self.index, self.mode, self.retriever = model, index, mode, retriever
@@ -161,6 +166,13 @@ class Engine:
                                   ("batch_size", [] if batch_size is None else [batch_size], 1)):
             if any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in values):
                 raise ValueError(f"{name} must be an integer >= {low}, got {values if len(values) > 1 else values[0]!r}")
+        if do_sample and not (temperature >= 0 and 0 < top_p <= 1):  # NaN fails both
+            raise ValueError(f"sampling needs temperature >= 0 and 0 < top_p <= 1, got {temperature!r}, {top_p!r}")
+        if force_query_every is not None and (isinstance(force_query_every, bool)
+                                              or not isinstance(force_query_every, int) or force_query_every < 1):
+            raise ValueError(f"force_query_every must be None or an integer >= 1, got {force_query_every!r}")
+        if stop and not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
         batch_size = batch_size or len(prompts) or 1
         encoded = [self._encode(p, i, assistant_prefix) for i, p in enumerate(prompts)]  # all checked first
         results: list[GenerationResult] = []
@@ -356,10 +368,8 @@ class Engine:
             r.done, r.finish = True, "eos"
         elif r.n_generated >= max_new_tokens or not self._fits(r, 0):
             r.done, r.finish = True, "length"
-        elif stop:
-            tail = m.tokenizer.decode(r.stream[-16:], skip_special_tokens=False)
-            if any(tail.endswith(s) for s in stop):
-                r.done, r.finish = True, "stop"
+        elif stop and _stopped(m.tokenizer, r.stream, stop):
+            r.done, r.finish = True, "stop"
 
     def _encode(self, prompt: Any, i: int, assistant_prefix: str) -> tuple[list[Message], list[int]]:
         """A prompt's messages and ids; one longer than the model's positions is refused."""
@@ -398,6 +408,16 @@ def _eos_ids(m: OneGenModel) -> set[int]:
     return ids
 
 
+def _stopped(tokenizer, stream: list[int], stop: list[str]) -> bool:
+    """Whether the newest token completes a stop string, wherever in that token the string ends (a
+    string can end inside a token: "F B" in "F", " Bra"). The window covers the longest string even
+    when each character takes up to four byte tokens."""
+    window = stream[-(4 * max(map(len, stop)) + 2):]
+    text = tokenizer.decode(window, skip_special_tokens=False)
+    before = len(tokenizer.decode(window[:-1], skip_special_tokens=False))
+    return any(text.find(s, max(0, before - len(s) + 1)) >= 0 for s in stop)
+
+
 def _answer_ends(m: OneGenModel) -> tuple[str, ...]:
     """Special token strings that end an answer: the tokenizer's own, except onegen's and unk (an
     unknown character inside the answer)."""
@@ -410,5 +430,8 @@ def _as_messages(prompt: Any) -> list[Message]:
         return [Message("user", prompt)]
     out = []
     for x in prompt:
-        out.append(x if isinstance(x, Message) else Message(x["role"], x["content"]))
+        m = x if isinstance(x, Message) else Message(x["role"], x["content"])
+        if m.role not in ROLES:
+            raise ValueError(f"message role {m.role!r}; expected one of {', '.join(ROLES)}")
+        out.append(m)
     return out

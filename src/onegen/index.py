@@ -132,11 +132,13 @@ class Index:
 
     def search_tensor(self, vectors: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k rows for (Q, D) query vectors: scores (Q, min(k, N)) float32 and indices int64, on CPU."""
-        if k < 1:
-            raise OneGenError(f"top-k must be >= 1, got {k}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise OneGenError(f"top-k must be an integer >= 1, got {k!r}")
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise OneGenError(f"query vectors have shape {tuple(vectors.shape)}, but this index holds "
                               f"{self.dim}-dimensional vectors; the retriever and the index must match")
+        if vectors.is_floating_point() and not bool(torch.isfinite(vectors).all()):
+            raise OneGenError("a query vector holds NaN or infinite values (a diverged model?)")
         return self.backend.search(vectors.detach(), k)
 
     def search(self, vectors: torch.Tensor | np.ndarray, k: int) -> SearchResult:
@@ -192,6 +194,10 @@ class Index:
         index = cls(store, meta["backend"], options, vectors, ids, meta["fingerprint"], path=directory)
         if (directory / DOCS_JSONL).is_file():
             index.corpus = read_corpus(directory / DOCS_JSONL)
+            missing = [i for i in ids if i not in index.corpus]
+            if missing:
+                raise OneGenError(f"holds no text for {len(missing)} of the indexed ids (e.g. {missing[:3]}); "
+                                  f"{REBUILD}", file=str(directory / DOCS_JSONL))
         return index
 
 
