@@ -284,6 +284,28 @@ def test_a_bad_role_and_a_corpus_that_misses_indexed_ids_are_refused(model, inde
         Engine(model, index, corpus=Corpus(DOCS[:1]))
 
 
+@pytest.mark.parametrize("link", [False, True])
+@pytest.mark.parametrize("wait", ["auto", 0, 3])
+def test_a_query_token_that_ends_a_row_is_still_searched(model, index, corpus, link, wait):
+    """max_new_tokens spent on [RQ]: its retrieval still happens (nothing is inserted after it), so every
+    [RQ] in token_ids has its event and, in link mode, the last mention keeps its link."""
+    kw = {"force_query_every": 4, "ignore_eos": True, "link": link}
+    free = []
+    Engine(model, index, corpus=corpus).generate(QUESTIONS, max_new_tokens=20, callback=free.append, **kw)
+    limits = []  # each row's second [RQ] is its last generated token
+    for row in range(len(QUESTIONS)):
+        tokens = [e["token_id"] for e in free if e["row"] == row and e["type"] == "token"]
+        limits.append([i + 1 for i, t in enumerate(tokens) if t == model.ids.query][1])
+    events = []
+    engine = Engine(model, index, corpus=corpus, search_wait=wait)
+    results = engine.generate(QUESTIONS, max_new_tokens=limits, callback=events.append, **kw)
+    for row, r in enumerate(results):
+        assert r.token_ids[-1] == model.ids.query and r.finish_reason == "length"
+        assert [e.position for e in r.retrievals] == [i for i, t in enumerate(r.token_ids) if t == model.ids.query]
+        mine = [e for e in events if e["row"] == row]
+        assert mine[-1]["type"] == "done" and sum(e["type"] == "done" for e in mine) == 1
+
+
 def test_pipeline_mode_counts_retriever_tokens(model, corpus):
     other = _model(1)
     r_index = Index.build(other, corpus, progress=False)

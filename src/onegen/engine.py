@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .data import ROLES, Message
+from .data import ROLES, Corpus, Message
 from .fastpath import FastDecoder, fast_decoder
 from .model import OneGenModel
 from .searchqueue import SearchQueue
@@ -80,6 +80,7 @@ class _Row:
     queued: int = 0  # its queries waiting in the search queue
     waiting: bool = False  # idle until its queued query is searched (insert mode)
     pending: list[int] = field(default_factory=list)  # prompt tokens still to prefill, PREFILL_CHUNK a step
+    closing: str = ""  # the finish reason of a row whose last token, [RQ], is still to be searched
 
     @property
     def history(self) -> list[int]:
@@ -116,7 +117,7 @@ class Engine:
             raise ValueError(f"{mode} mode needs an index built by the model")
         if mode != "pipeline" and hasattr(index, "check_model"):
             index.check_model(model)
-        if corpus is not None and hasattr(index, "ids") and mode != "pipeline":
+        if isinstance(corpus, Corpus) and isinstance(getattr(index, "ids", None), list) and mode != "pipeline":
             missing = [i for i in index.ids if i not in corpus]
             if missing:
                 raise ValueError(f"the corpus holds no text for {len(missing)} of the index's ids (e.g. {missing[:3]}); "
@@ -220,7 +221,8 @@ class Engine:
                 r = rows[i]
                 queue.add(i, len(r.stream) - 1, None if vecs is None else vecs[n])
                 r.queued += 1
-                r.feed, r.waiting = ([], True) if not link else (r.feed, False)
+                # insert mode: it idles until its paragraph; a closing row (nothing follows) in link mode too
+                r.feed, r.waiting = ([], True) if not link or r.closing else (r.feed, False)
             prefilling = {i for i, r in enumerate(rows) if r.pending}  # their prompt goes on: nothing to decode
             for i in prefilling:
                 r = rows[i]
@@ -232,6 +234,11 @@ class Engine:
             if queue.due(rows):
                 for i in self._retrieve(rows, queue.take(), offset, top_k, keep_vectors, callback):
                     r = rows[i]
+                    if r.closing:  # its last token was this query: searched, the row is done
+                        r.done, r.finish, r.waiting, r.feed = True, r.closing, False, []
+                        if callback:
+                            callback({"row": offset + i, "type": "done", "finish_reason": r.finish})
+                        continue
                     if not link:
                         found = r.events[-1].doc_ids  # a retriever may find nothing: an empty paragraph
                         para = self._paragraph(found[0]) if found else m.renderer.encode_paragraph("")
@@ -370,6 +377,8 @@ class Engine:
             r.done, r.finish = True, "length"
         elif stop and _stopped(m.tokenizer, r.stream, stop):
             r.done, r.finish = True, "stop"
+        if r.done and tok == m.ids.query and self._fits(r, 0):  # a last [RQ] is still fed and searched
+            r.done, r.closing = False, r.finish
 
     def _encode(self, prompt: Any, i: int, assistant_prefix: str) -> tuple[list[Message], list[int]]:
         """A prompt's messages and ids; one longer than the model's positions is refused."""
