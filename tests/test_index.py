@@ -312,3 +312,16 @@ def test_search_refuses_a_non_integer_k_and_a_nan_query(model, corpus):
     with pytest.raises(OneGenError, match="NaN"):
         index.search(torch.full((index.dim,), float("nan")), 1)
     assert len(Index.build(model, [{"id": 7, "text": "Velmora"}], progress=False).search(q, 1).ids[0]) == 1
+
+
+def test_load_names_the_file_that_is_wrong(tmp_path, model, corpus):
+    out = Index.build(model, corpus, progress=False).save(tmp_path / "idx")
+    vectors = np.load(out / VECTORS_NPY)
+    vectors[0, 0] = np.nan
+    np.save(out / VECTORS_NPY, vectors)
+    with pytest.raises(OneGenError, match=r"vectors\.npy.*NaN"):
+        Index.load(out)
+    meta = json.loads((out / "index.json").read_text())
+    (out / "index.json").write_text(json.dumps({**meta, "dim": True}))
+    with pytest.raises(OneGenError, match=r"index\.json.*'dim'"):
+        Index.load(out)

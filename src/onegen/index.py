@@ -185,6 +185,8 @@ class Index:
         if tuple(vectors.shape) != (meta["count"], meta["dim"]):
             raise OneGenError(f"holds {tuple(vectors.shape)} vectors, but {INDEX_JSON} says "
                               f"{meta['count']}x{meta['dim']}; {REBUILD}", file=str(directory / VECTORS_NPY))
+        if not torch.isfinite(vectors).all():
+            raise _corrupt(directory / VECTORS_NPY, "it holds NaN or infinite values")
         _check_rows(vectors, ids, where=directory / IDS_JSON)
         if model is not None:  # before the backend loads: a large index should fail fast
             _check_fingerprint(meta["fingerprint"], model, directory)
@@ -247,7 +249,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
     types = {"format_version": int, "fingerprint": str, "backend": str, "dim": int, "count": int,
              "backend_options": dict}
     for key, typ in types.items():
-        if not isinstance(meta.get(key), typ):
+        if not isinstance(meta.get(key), typ) or isinstance(meta.get(key), bool):
             raise _corrupt(path, f"field {key!r} is missing or not a {typ.__name__}")
     if meta["backend"] not in BACKENDS:
         raise _corrupt(path, f"unknown backend {meta['backend']!r}")
