@@ -284,12 +284,13 @@ def test_a_bad_role_and_a_corpus_that_misses_indexed_ids_are_refused(model, inde
         Engine(model, index, corpus=Corpus(DOCS[:1]))
 
 
+@pytest.mark.parametrize("every", [2, 4])  # every 2: a row holds two queries at once under search_wait=3
 @pytest.mark.parametrize("link", [False, True])
 @pytest.mark.parametrize("wait", ["auto", 0, 3])
-def test_a_query_token_that_ends_a_row_is_still_searched(model, index, corpus, link, wait):
+def test_a_query_token_that_ends_a_row_is_still_searched(model, index, corpus, link, wait, every):
     """max_new_tokens spent on [RQ]: its retrieval still happens (nothing is inserted after it), so every
     [RQ] in token_ids has its event and, in link mode, the last mention keeps its link."""
-    kw = {"force_query_every": 4, "ignore_eos": True, "link": link}
+    kw = {"force_query_every": every, "ignore_eos": True, "link": link}
     free = []
     Engine(model, index, corpus=corpus).generate(QUESTIONS, max_new_tokens=20, callback=free.append, **kw)
     limits = []  # each row's second [RQ] is its last generated token
@@ -672,3 +673,15 @@ def test_link_mode_callbacks_report_each_retrieval_before_the_row_is_done(model,
             for k, e in enumerate(mine):
                 if e["type"] == "token" and e["token_id"] == model.ids.query and mine[k + 1]["type"] != "done":
                     assert mine[k + 1]["type"] == "retrieval"  # (a final [RQ] is never fed: no retrieval)
+
+
+@pytest.mark.parametrize("text, stop", [("Velmora Café now", "Café"), ("in 1901 ✓ ok", "✓"),
+                                        ("Velmora was founded .", "founded .")])
+def test_a_stop_string_is_seen_at_the_token_that_completes_it(model, text, stop):
+    """Byte tokens of a multi-byte character decode to U+FFFD until the last one: the string is complete
+    at that token, not before and not never."""
+    from onegen.engine import _stopped
+
+    ids = model.tokenizer.encode(text, add_special_tokens=False)
+    first = next(n for n in range(1, len(ids) + 1) if _stopped(model.tokenizer, ids[:n], [stop]))
+    assert stop in model.tokenizer.decode(ids[:first]) and stop not in model.tokenizer.decode(ids[:first - 1])

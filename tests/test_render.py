@@ -369,6 +369,8 @@ def test_every_template_trains_its_turn_end_and_prompts_as_it_trained(tiny_token
     assert rendered.input_ids[: len(prompt)] == prompt and rendered.input_ids[len(prompt)] == r.ids.query
     plain = r.render(Sample("y", (*messages, Message("assistant", "the founder was Ilsa Brandt."))))
     assert plain.input_ids[: len(prompt)] == prompt  # an answer starting with text: tokenized apart too
+    forced = r.encode_prompt(list(messages), assistant_prefix="the founder")  # the answer's start given
+    assert plain.input_ids[: len(forced)] == forced
     last = max(i for i, t in enumerate(rendered.input_ids) if t == end_id)
     close = rendered.input_ids.index(r.ids.close)
     assert r.tokenizer.decode(rendered.input_ids[close + 1:last]).strip() == "Ilsa Brandt"

@@ -67,3 +67,6 @@ def test_an_unknown_token_inside_a_mention_stands_for_what_the_input_has_there()
     assert links == [("Saltir Hatadeck😀", 0), ("Dérsïa Holdings", 1)]
     assert [m.retrieval for m in extract_entities(text, output, T)] == [1]  # without it: only the second
     assert extract_entities("😀 x", "[[[UNK]]][RQ] x", T, unk="[UNK]") == []  # nothing to anchor it
+    wide = "Yesterday Ilsa went home. 🎉 Brandt spoke."  # a leading unknown token does not reach back to the cursor
+    assert [(wide[m.start:m.end]) for m in extract_entities(wide, "... [[ [UNK] brandt ]][RQ] spoke.", T,
+                                                             unk="[UNK]")] == ["Brandt"]

@@ -25,6 +25,7 @@ slot cache, CUDA graphs) replaces it with the same interface and gives the same 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -234,10 +235,8 @@ class Engine:
             if queue.due(rows):
                 for i in self._retrieve(rows, queue.take(), offset, top_k, keep_vectors, callback):
                     r = rows[i]
-                    if r.closing:  # its last token was this query: searched, the row is done
-                        r.done, r.finish, r.waiting, r.feed = True, r.closing, False, []
-                        if callback:
-                            callback({"row": offset + i, "type": "done", "finish_reason": r.finish})
+                    if r.closing:  # its last token was a query: done once all its queries are searched
+                        self._close(r, offset + i, callback)
                         continue
                     if not link:
                         found = r.events[-1].doc_ids  # a retriever may find nothing: an empty paragraph
@@ -265,13 +264,23 @@ class Engine:
                 #    are searched first, so that a row's retrievals are all reported before it is done
                 finished = [i for i in decoding if rows[i].done]
                 if any(rows[i].queued for i in finished):
-                    self._retrieve(rows, queue.take(), offset, top_k, keep_vectors, callback)
+                    for i in self._retrieve(rows, queue.take(), offset, top_k, keep_vectors, callback):
+                        self._close(rows[i], offset + i, callback)  # a closing row searched with them
                 for i in finished if callback else ():
                     callback({"row": offset + i, "type": "done", "finish_reason": rows[i].finish})
         if queue.items:  # nothing should be left (step 5); searched all the same
-            self._retrieve(rows, queue.take(), offset, top_k, keep_vectors, callback)
+            for i in self._retrieve(rows, queue.take(), offset, top_k, keep_vectors, callback):
+                self._close(rows[i], offset + i, callback)
         m.train(was_training)
         return [self._result(r, link) for r in rows]
+
+    @staticmethod
+    def _close(r: _Row, row: int, callback: Callable[[dict[str, Any]], None] | None) -> None:
+        """A closing row (its last token a query) whose queries are all searched is done, once."""
+        if r.closing and not r.done and r.queued == 0:
+            r.done, r.finish, r.waiting, r.feed = True, r.closing, False, []
+            if callback:
+                callback({"row": row, "type": "done", "finish_reason": r.finish})
 
     def _take(self, r: _Row, row: int, tok: int, spent: bool, force_every: int | None, stop: list[str],
               callback: Callable[[dict[str, Any]], None] | None) -> None:
@@ -423,7 +432,8 @@ def _stopped(tokenizer, stream: list[int], stop: list[str]) -> bool:
     when each character takes up to four byte tokens."""
     window = stream[-(4 * max(map(len, stop)) + 2):]
     text = tokenizer.decode(window, skip_special_tokens=False)
-    before = len(tokenizer.decode(window[:-1], skip_special_tokens=False))
+    # what the newest token added: after the common prefix (a partial UTF-8 character decodes to U+FFFD)
+    before = len(os.path.commonprefix([text, tokenizer.decode(window[:-1], skip_special_tokens=False)]))
     return any(text.find(s, max(0, before - len(s) + 1)) >= 0 for s in stop)
 
 

@@ -201,7 +201,8 @@ class Renderer:
         """Ids of a prompt ready for generation (ends where the assistant's answer starts), tokenized as
         training tokenizes the same text: each assistant content, earlier turns' too, starts a chunk."""
         text, spans = self._prompt(messages)
-        ids, _, _ = self._tokenize(text + assistant_prefix, spans)
+        start = [(len(text), len(text) + len(assistant_prefix))] if assistant_prefix else []  # the answer's start
+        ids, _, _ = self._tokenize(text + assistant_prefix, spans + start)
         return self._bos() + ids
 
     def _tokenize(self, text: str, gen_spans: list[tuple[int, int]]) -> tuple[list[int], list[str], list[int]]:

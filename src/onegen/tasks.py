@@ -67,14 +67,20 @@ def extract_entities(input_text: str, output: str, tokens: TokensConfig, unk: st
             continue
         surface, _ = _fold(marked.group(1))
         expected = len(_fold(_unmarked(output[: marked.start()], tokens))[0])
-        found = _nearest(folded_input, _pattern(surface, _UNK if unk else ""), expected, cursor)
+        core = surface.strip(_UNK) if unk else surface  # an unknown token at an edge anchors nothing
+        found = _nearest(folded_input, _pattern(core, _UNK if unk else ""), expected, cursor)
         if found is None:
             continue
         at, cursor = found
-        end = origin[cursor - 1] + 1
+        start, end = origin[at], origin[cursor - 1] + 1
         while end < len(input_text) and unicodedata.combining(input_text[end]):  # accents written apart (NFD)
             end += 1
-        mentions.append(Mention(origin[at], end, k))
+        # ... and the rest of the word where an unknown token stood at an edge ("Hatadeck😀")
+        while core != surface and surface.startswith(_UNK) and start > 0 and not input_text[start - 1].isspace():
+            start -= 1
+        while core != surface and surface.endswith(_UNK) and end < len(input_text) and not input_text[end].isspace():
+            end += 1
+        mentions.append(Mention(start, end, k))
     return mentions
 
 
@@ -113,12 +119,12 @@ def _fold(text: str) -> tuple[str, list[int]]:
 
 
 def _pattern(surface: str, unk: str) -> re.Pattern | None:
-    """A regex for a folded mention, each unknown token in it matching one or more characters; None
-    for a mention with nothing else to anchor it."""
+    """A regex for a folded mention, each unknown token inside it matching 1 to 16 characters; None for
+    a mention with nothing to anchor it."""
     parts = surface.split(unk) if unk else [surface]
     if not any(parts):
         return None
-    return re.compile(".+?".join(re.escape(p) for p in parts), re.DOTALL)
+    return re.compile(".{1,16}?".join(re.escape(p) for p in parts), re.DOTALL)
 
 
 def _nearest(text: str, pattern: re.Pattern | None, expected: int, start: int) -> tuple[int, int] | None:
