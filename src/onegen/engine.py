@@ -242,9 +242,7 @@ class Engine:
                         found = r.events[-1].doc_ids  # a retriever may find nothing: an empty paragraph
                         para = self._paragraph(found[0]) if found else m.renderer.encode_paragraph("")
                         if not self._fits(r, len(para)):  # the row ends at the model's position limit
-                            r.done, r.finish, r.waiting, r.feed = True, "length", False, []
-                            if callback:
-                                callback({"row": offset + i, "type": "done", "finish_reason": r.finish})
+                            self._end(r, offset + i, "length", callback)
                             continue
                         r.stream += para
                         r.n_inserted += len(para)
@@ -274,13 +272,18 @@ class Engine:
         m.train(was_training)
         return [self._result(r, link) for r in rows]
 
-    @staticmethod
-    def _close(r: _Row, row: int, callback: Callable[[dict[str, Any]], None] | None) -> None:
+    @classmethod
+    def _close(cls, r: _Row, row: int, callback: Callable[[dict[str, Any]], None] | None) -> None:
         """A closing row (its last token a query) whose queries are all searched is done, once."""
         if r.closing and not r.done and r.queued == 0:
-            r.done, r.finish, r.waiting, r.feed = True, r.closing, False, []
-            if callback:
-                callback({"row": row, "type": "done", "finish_reason": r.finish})
+            cls._end(r, row, r.closing, callback)
+
+    @staticmethod
+    def _end(r: _Row, row: int, reason: str, callback: Callable[[dict[str, Any]], None] | None) -> None:
+        """A row outside the decoding step (waiting for a search or a paragraph) ends, and says so."""
+        r.done, r.finish, r.waiting, r.feed = True, reason, False, []
+        if callback:
+            callback({"row": row, "type": "done", "finish_reason": reason})
 
     def _take(self, r: _Row, row: int, tok: int, spent: bool, force_every: int | None, stop: list[str],
               callback: Callable[[dict[str, Any]], None] | None) -> None:

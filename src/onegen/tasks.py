@@ -60,13 +60,15 @@ def extract_entities(input_text: str, output: str, tokens: TokensConfig, unk: st
     if unk:  # one placeholder character: an unknown token's own brackets ([UNK]) must not read as markup
         output = output.replace(unk, _UNK)
     mentions, cursor, segment_start = [], 0, 0
+    copied, copied_to = 0, 0  # folded characters of the copy before `copied_to` in the output
     for k, q in enumerate(re.finditer(re.escape(tokens.query), output)):
         marked = _MARKED_AT_END.search(output, segment_start, q.start())
         segment_start = q.end()
         if marked is None:
             continue
         surface, _ = _fold(marked.group(1))
-        expected = len(_fold(_unmarked(output[: marked.start()], tokens))[0])
+        copied += len(_fold(_unmarked(output[copied_to: marked.start()], tokens))[0])  # counted once, not per mention
+        copied_to, expected = marked.start(), copied
         core = surface.strip(_UNK) if unk else surface  # an unknown token at an edge anchors nothing
         found = _nearest(folded_input, _pattern(core, _UNK if unk else ""), expected, cursor)
         if found is None:
